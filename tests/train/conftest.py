@@ -23,3 +23,14 @@ def tiny_config(out: Path, data: Path, *extra: str) -> TrainConfig:
         "model.embed_dim=32", "batch_size=16", "stages.0.epochs=3", "stages.0.lr=0.01", "log_every=1",
     ]
     return load_config(TrainConfig, None, overrides=base + list(extra))
+
+
+@pytest.fixture(scope="session")
+def teacher_stores(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Teacher stores for the synthetic set, written by tiny random towers (a real teacher run)."""
+    from itrkit.data.records import Dataset
+    from itrkit.teachers.extract import teach
+
+    out = tmp_path_factory.mktemp("teachers")
+    paths = teach(Dataset.load(synth_dir), "tiny-image", "tiny-text", out)
+    return [f"teacher.image_store={paths['image']}", f"teacher.text_store={paths['text']}"]

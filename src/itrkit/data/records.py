@@ -133,17 +133,25 @@ class Dataset:
                     raise DataError(f"empty caption '{c.id}' for image '{r.id}'")
 
     # --- persistence -----------------------------------------------------------------------
-    def to_json(self, image_root: Path) -> dict:
+    def to_json(self, image_root: Path, folder: Path | None = None) -> dict:
+        """``image_root`` is stored relative to ``folder`` when it lies inside it (movable datasets)."""
         images = []
+        root = image_root.resolve()
         for r in self.records:
-            p = Path(r.path)
+            p = Path(r.path).resolve()
             try:
-                rel = str(p.resolve().relative_to(image_root.resolve()))
+                rel = str(p.relative_to(root))
             except ValueError:
-                rel = str(p.resolve())
+                rel = str(p)
             images.append({"id": r.id, "file": rel, "split": r.split, "labels": list(r.labels),
                            "captions": [{"id": c.id, "text": c.text} for c in r.captions]})
-        return {"format": FORMAT, "name": self.name, "image_root": str(image_root.resolve()), "images": images}
+        root_str = str(root)
+        if folder is not None:
+            try:
+                root_str = str(root.relative_to(folder.resolve())) or "."
+            except ValueError:
+                pass
+        return {"format": FORMAT, "name": self.name, "image_root": root_str, "images": images}
 
     def save(self, folder: str | Path, image_root: str | Path | None = None) -> Path:
         """Write ``folder/dataset.json`` atomically (images stay where they are)."""
@@ -151,7 +159,7 @@ class Dataset:
         folder.mkdir(parents=True, exist_ok=True)
         root = Path(image_root) if image_root is not None else _common_root(self.image_paths)
         path = folder / "dataset.json"
-        atomic_write_json(path, self.to_json(root))
+        atomic_write_json(path, self.to_json(root, folder))
         return path
 
     @classmethod

@@ -45,20 +45,36 @@ class Tower(nn.Module):
         for p in self.parameters():
             p.requires_grad_(False)
         if mode == "frozen":
+            self.train(self.training)  # re-apply: frozen blocks go to eval mode
             return
         if mode == "all":
             for p in self.parameters():
                 p.requires_grad_(True)
+            self.train(self.training)
             return
         if mode.startswith("top:"):
             n = int(mode.split(":", 1)[1])
             for block in self.blocks()[-n:] if n > 0 else []:
                 for p in block.parameters():
                     p.requires_grad_(True)
+            self.train(self.training)
             return
         from itrkit.errors import ConfigError
 
         raise ConfigError(f"unknown trainable mode '{mode}' (use frozen, all or top:N)")
+
+    def train(self, mode: bool = True) -> Tower:
+        """Frozen blocks stay in eval mode while the rest trains: no dropout / drop-connect noise
+        and no BatchNorm statistic updates in parts that are not trained, so a frozen tower gives
+        the same features as its cache and its fingerprint does not drift."""
+        super().train(mode)
+        if mode:
+            if not any(p.requires_grad for p in self.parameters()):
+                return super().train(False)
+            for block in self.blocks():
+                if not any(p.requires_grad for p in block.parameters()):
+                    block.train(False)
+        return self
 
     def fingerprint(self) -> str:
         """Spec + a digest of the weights, so retrained or different weights never share a cache."""

@@ -70,6 +70,12 @@ class Objective(nn.Module):
             raise ConfigError("every loss weight is 0 in this stage: nothing to train")
         return losses
 
+    def clamp_temperatures_(self) -> None:
+        """Keep learnable temperatures inside their bounds after each optimizer step."""
+        self.contrastive.clamp_temperatures_()
+        if self.cusa is not None:
+            self.cusa.clamp_temperatures_()
+
     def temperatures(self) -> dict[str, float]:
         t = {"tau": float(self.contrastive.temperature)}
         if self.cusa is not None:

@@ -302,18 +302,19 @@ class Trainer:
                     losses = self.ddp(self.train_data.batch(idx))
                     loss = sum(losses.values())
                     if not torch.isfinite(loss):
-                        terms = {k: float(v) for k, v in losses.items()}
+                        terms = {k: float(v.detach()) for k, v in losses.items()}
                         raise NonFiniteLossError(
                             f"non-finite loss at step {step + 1} (stage {stage.name}, epoch {epoch + 1}, batch {b}): "
                             f"terms {terms}; captions {self.train_data.describe_batch(idx)}; last good checkpoint kept in {self.run_dir / 'checkpoints'}")
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     self.optimizer.step()
+                    self.objective.clamp_temperatures_()
                     step += 1
                     if step % cfg.log_every == 0 or b == nb - 1:
-                        self.log(step=step, stage=stage.name, epoch=epoch + 1, lr=lr, loss=float(loss),
-                                 **{k: round(float(v), 6) for k, v in losses.items()}, **self.objective.temperatures())
-                    bar.set_postfix(loss=f"{float(loss):.4f}")
+                        self.log(step=step, stage=stage.name, epoch=epoch + 1, lr=lr, loss=float(loss.detach()),
+                                 **{k: round(float(v.detach()), 6) for k, v in losses.items()}, **self.objective.temperatures())
+                    bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
                     if self._stop:
                         self._checkpoint(si, epoch, b + 1, step)
                         raise Interrupted(f"interrupted at step {step}: checkpoint saved; continue with --resume --out {self.run_dir}")

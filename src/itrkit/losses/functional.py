@@ -1,0 +1,310 @@
+"""The SPEC §1 objectives as plain functions.
+
+Conventions shared by every function here:
+
+- Row ``i`` of ``img``/``txt`` is one (image, caption) pair; ``img_ids[i]`` names its image, so
+  several rows may share an image (e.g. 5 captions of one photo in a batch).
+- Similarities are cosine: inputs are L2-normalised inside (except :func:`instance`, whose
+  classifier acts on raw features, as in IConE).
+- Logits, log-softmax and KL are computed in at least float32 (float64 inputs stay float64), so
+  fp16/bf16 features cannot overflow ``exp`` (FINDINGS F1: no non-finite loss in 230 runs).
+- KL divergences use ``F.kl_div(log_q, p, reduction="batchmean")`` = mean over rows of
+  ``Σ_j p_j (log p_j − log q_j)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from itrkit.errors import DataError, ItrkitError
+
+TEACHER_MODES = ("each", "add", "dot")
+
+
+# --- helpers -------------------------------------------------------------------------------------
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float32 at least; float64 if any input is float64 (tests compare against float64 loops)."""
+    dt = torch.float32
+    for t in tensors:
+        if t.is_floating_point():
+            dt = torch.promote_types(dt, t.dtype)
+    return dt
+
+
+def _check_2d(name: str, x: Tensor, rows: int | None = None) -> None:
+    if not isinstance(x, Tensor):
+        raise ItrkitError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 2:
+        raise ItrkitError(f"{name} must be 2-D (batch, dim), got shape {tuple(x.shape)}")
+    if rows is not None and x.shape[0] != rows:
+        raise ItrkitError(f"{name} has {x.shape[0]} rows but the batch has {rows}")
+
+
+def _as_ids(img_ids: Tensor | Sequence[Any], rows: int, device: torch.device) -> Tensor:
+    ids = img_ids if isinstance(img_ids, Tensor) else torch.as_tensor(img_ids)
+    ids = ids.reshape(-1).to(device)
+    if ids.numel() != rows:
+        raise ItrkitError(f"img_ids has {ids.numel()} entries but the batch has {rows} rows")
+    return ids
+
+
+def _norm(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return F.normalize(x.to(dtype), dim=-1)
+
+
+def _cos(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    return _norm(a, dtype) @ _norm(b, dtype).T
+
+
+def positive_matrix(img_ids: Tensor) -> Tensor:
+    """``P[i,j] = 1[id_i = id_j] / #{k: id_k = id_i}`` (rows sum to 1), float64."""
+    same = (img_ids[:, None] == img_ids[None, :]).to(torch.float64)
+    return same / same.sum(dim=1, keepdim=True)
+
+
+def _kl_rows(p: Tensor, logits: Tensor) -> Tensor:
+    """Mean over rows of KL(p_i ‖ softmax(logits_i))."""
+    return F.kl_div(F.log_softmax(logits, dim=1), p, reduction="batchmean")
+
+
+# --- contrastive ---------------------------------------------------------------------------------
+def info_nce(img: Tensor, txt: Tensor, img_ids: Tensor | Sequence[Any], tau: float | Tensor) -> Tensor:
+    """Symmetric multi-positive InfoNCE (CUSA Eqs. 1–4; IConE Eqs. 6–8 with all captions of an image
+    as positives).
+
+    ``S = cos(img, txt)/tau``; ``L = ½(mean_i −Σ_j P_ij log_softmax(S)_ij + mean_i −Σ_j P_ij
+    log_softmax(Sᵀ)_ij)`` with ``P`` from :func:`positive_matrix`. ``tau`` may be a learnable
+    0-dim tensor (gradient flows to it).
+    """
+    _check_2d("img", img)
+    _check_2d("txt", txt, img.shape[0])
+    dt = _compute_dtype(img, txt)
+    ids = _as_ids(img_ids, img.shape[0], img.device)
+    s = _cos(img, txt, dt) / (tau.to(dt) if isinstance(tau, Tensor) else tau)
+    p = positive_matrix(ids).to(dt)
+    # P is symmetric (equality of ids), so it also serves as the text→image target.
+    l_i2t = -(p * F.log_softmax(s, dim=1)).sum(dim=1).mean()
+    l_t2i = -(p * F.log_softmax(s.T, dim=1)).sum(dim=1).mean()
+    return 0.5 * (l_i2t + l_t2i)
+
+
+def triplet(img: Tensor, txt: Tensor, img_ids: Tensor | Sequence[Any], margin: float = 0.2) -> Tensor:
+    """VSE++ hinge with the hardest negative in the batch (Faghri et al.; IConE's VSE++ baseline).
+
+    ``s = cos(img, txt)``; ``h_i2t = max_{j: id_j≠id_i} [margin − s_ii + s_ij]₊``,
+    ``h_t2i = max_{j: id_j≠id_i} [margin − s_ii + s_ji]₊``; ``L = mean_i (h_i2t + h_t2i)``.
+    Rows with no negative in the batch contribute 0.
+    """
+    _check_2d("img", img)
+    _check_2d("txt", txt, img.shape[0])
+    dt = _compute_dtype(img, txt)
+    ids = _as_ids(img_ids, img.shape[0], img.device)
+    s = _cos(img, txt, dt)
+    pos = s.diagonal()
+    neg = ids[:, None] != ids[None, :]
+    # Hinge values are ≥ 0, so masking non-negatives with 0 leaves the max unchanged (or 0 if none).
+    cost_i2t = (margin - pos[:, None] + s).clamp(min=0).masked_fill(~neg, 0.0)
+    cost_t2i = (margin - pos[:, None] + s.T).clamp(min=0).masked_fill(~neg, 0.0)
+    return (cost_i2t.max(dim=1).values + cost_t2i.max(dim=1).values).mean()
+
+
+# --- soft labels (CUSA) --------------------------------------------------------------------------
+def _teacher_sim(t: Tensor, dtype: torch.dtype, center: bool) -> Tensor:
+    t = t.to(dtype)
+    if center:
+        # Centring the teacher features on the batch mean removes the component every sample
+        # shares (pooled CNN features are all positive), so cosines spread over [-1, 1] and the
+        # soft labels stop being near-uniform (FINDINGS F1). Subtracting a row's mean similarity
+        # would be a no-op under the row softmax, so the centring is done on the features.
+        t = t - t.mean(dim=0, keepdim=True)
+    return _cos(t, t, dtype)
+
+
+@torch.no_grad()
+def teacher_probs(
+    t_img: Tensor,
+    t_txt: Tensor,
+    tau_teacher: float = 1.0,
+    mode: str = "each",
+    center: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Teacher soft labels ``(p_I, p_T)``: row softmax of teacher cosine similarities (CUSA Eq. 5).
+
+    ``T_I = cos(t_img, t_img)``, ``T_T = cos(t_txt, t_txt)`` (diagonal kept, no gradient).
+    ``mode``: ``each`` → ``p_I = softmax(T_I/τ_t)``, ``p_T = softmax(T_T/τ_t)``;
+    ``add`` → both from ``(T_I + T_T)/2``; ``dot`` → both from ``sqrt(max(T_I,0)·max(T_T,0))``.
+    ``center=True`` subtracts the batch-mean teacher feature (per modality) before the cosine.
+    Returned in float32 (float64 if the teacher features are float64).
+    """
+    if mode not in TEACHER_MODES:
+        raise ItrkitError(f"teacher mode '{mode}' is unknown (use one of {', '.join(TEACHER_MODES)})")
+    _check_2d("teacher_image", t_img)
+    _check_2d("teacher_text", t_txt, t_img.shape[0])
+    if not float(tau_teacher) > 0:
+        raise ItrkitError(f"tau_teacher must be > 0, got {tau_teacher}")
+    dt = _compute_dtype(t_img, t_txt)
+    t_i = _teacher_sim(t_img, dt, center)
+    t_t = _teacher_sim(t_txt, dt, center)
+    if mode == "add":
+        t_i = t_t = 0.5 * (t_i + t_t)
+    elif mode == "dot":
+        t_i = t_t = torch.sqrt(t_i.clamp(min=0) * t_t.clamp(min=0))
+    return F.softmax(t_i / tau_teacher, dim=1), F.softmax(t_t / tau_teacher, dim=1)
+
+
+def _tau(tau: float | Tensor, dtype: torch.dtype) -> float | Tensor:
+    return tau.to(dtype) if isinstance(tau, Tensor) else tau
+
+
+def csa_from_probs(img: Tensor, txt: Tensor, p_img: Tensor, p_txt: Tensor, tau: float | Tensor) -> Tensor:
+    """CSA (CUSA Eq. 6) given teacher soft labels: ``½[KL(p_I‖softmax(S/τ)) + KL(p_T‖softmax(Sᵀ/τ))]``."""
+    _check_2d("img", img)
+    _check_2d("txt", txt, img.shape[0])
+    b = img.shape[0]
+    if p_img.shape != (b, b) or p_txt.shape != (b, b):
+        raise ItrkitError(f"teacher soft labels must be {b}x{b} to match the batch, got "
+                          f"{tuple(p_img.shape)} and {tuple(p_txt.shape)}")
+    dt = _compute_dtype(img, txt)
+    s = _cos(img, txt, dt) / _tau(tau, dt)
+    return 0.5 * (_kl_rows(p_img.to(dt), s) + _kl_rows(p_txt.to(dt), s.T))
+
+
+def usa_from_probs(
+    img_uni: Tensor, txt_uni: Tensor, p_img: Tensor, p_txt: Tensor,
+    tau_img: float | Tensor, tau_txt: float | Tensor,
+) -> Tensor:
+    """USA (CUSA Eqs. 7–8) given teacher soft labels:
+    ``½[KL(p_I‖softmax(cos(u_I,u_I)/τ_I)) + KL(p_T‖softmax(cos(u_T,u_T)/τ_T))]``."""
+    _check_2d("img_uni", img_uni)
+    _check_2d("txt_uni", txt_uni, img_uni.shape[0])
+    b = img_uni.shape[0]
+    if p_img.shape != (b, b) or p_txt.shape != (b, b):
+        raise ItrkitError(f"teacher soft labels must be {b}x{b} to match the batch, got "
+                          f"{tuple(p_img.shape)} and {tuple(p_txt.shape)}")
+    dt = _compute_dtype(img_uni, txt_uni)
+    s_i = _cos(img_uni, img_uni, dt) / _tau(tau_img, dt)
+    s_t = _cos(txt_uni, txt_uni, dt) / _tau(tau_txt, dt)
+    return 0.5 * (_kl_rows(p_img.to(dt), s_i) + _kl_rows(p_txt.to(dt), s_t))
+
+
+def csa(
+    img: Tensor, txt: Tensor, t_img: Tensor, t_txt: Tensor, tau: float | Tensor,
+    tau_teacher: float = 1.0, mode: str = "each", center: bool = False,
+) -> Tensor:
+    """Cross-modal Soft-label Alignment (CUSA Eqs. 5–6).
+
+    ``S = cos(img, txt)``; ``L = ½[KL(p_I ‖ softmax(S/τ)) + KL(p_T ‖ softmax(Sᵀ/τ))]`` with
+    ``(p_I, p_T) = teacher_probs(t_img, t_txt, tau_teacher, mode, center)``.
+    """
+    _check_2d("teacher_image", t_img, img.shape[0])
+    p_i, p_t = teacher_probs(t_img, t_txt, tau_teacher, mode, center)
+    return csa_from_probs(img, txt, p_i, p_t, tau)
+
+
+def usa(
+    img_uni: Tensor, txt_uni: Tensor, t_img: Tensor, t_txt: Tensor,
+    tau_img: float | Tensor, tau_txt: float | Tensor, tau_teacher: float = 1.0, center: bool = False,
+) -> Tensor:
+    """Uni-modal Soft-label Alignment (CUSA Eqs. 7–8).
+
+    ``L = ½[KL(p_I ‖ softmax(cos(img_uni, img_uni)/τ_img)) + KL(p_T ‖ softmax(cos(txt_uni, txt_uni)/τ_txt))]``;
+    ``p_I`` always comes from the image teacher and ``p_T`` from the text teacher (no modes).
+    """
+    _check_2d("teacher_image", t_img, img_uni.shape[0])
+    p_i, p_t = teacher_probs(t_img, t_txt, tau_teacher, "each", center)
+    return usa_from_probs(img_uni, txt_uni, p_i, p_t, tau_img, tau_txt)
+
+
+# --- instance classification (IConE) -------------------------------------------------------------
+def _check_labels(labels: Tensor, rows: int, num_classes: int) -> Tensor:
+    if not isinstance(labels, Tensor):
+        labels = torch.as_tensor(labels)
+    labels = labels.reshape(-1)
+    if labels.numel() != rows:
+        raise ItrkitError(f"labels has {labels.numel()} entries but the batch has {rows} rows")
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ItrkitError(f"labels must be integer class indices, got dtype {labels.dtype}")
+    if rows:
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= num_classes:
+            bad = lo if lo < 0 else hi
+            raise DataError(f"instance label {bad} is outside [0, {num_classes}) (one class per training image)")
+    return labels.long()
+
+
+class _ChunkedCE(torch.autograd.Function):
+    """Mean cross-entropy of ``x @ Wᵀ`` whose logits never exist all at once.
+
+    Forward keeps a running logsumexp over class chunks; backward recomputes each chunk's logits,
+    so memory is O(B·chunk) beyond W and its gradient instead of O(B·C).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, labels: Tensor, chunk: int) -> Tensor:  # type: ignore[override]
+        b = x.shape[0]
+        lse = torch.full((b,), float("-inf"), dtype=x.dtype, device=x.device)
+        for start in range(0, w.shape[0], chunk):
+            lse = torch.logaddexp(lse, torch.logsumexp(x @ w[start:start + chunk].T, dim=1))
+        target = (x * w[labels]).sum(dim=1)
+        ctx.save_for_backward(x, w, labels, lse)
+        ctx.chunk = chunk
+        return (lse - target).mean()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        x, w, labels, lse = ctx.saved_tensors
+        scale = grad_out / x.shape[0]
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gx = torch.zeros_like(x) if need_x else None
+        gw = torch.zeros_like(w) if need_w else None
+        for start in range(0, w.shape[0], ctx.chunk):
+            wc = w[start:start + ctx.chunk]
+            prob = torch.exp(x @ wc.T - lse[:, None])  # softmax restricted to this chunk
+            if gx is not None:
+                gx.addmm_(prob, wc)
+            if gw is not None:
+                gw[start:start + ctx.chunk] = prob.T @ x
+        # The −onehot part of (softmax − onehot).
+        if gx is not None:
+            gx -= w[labels]
+            gx *= scale
+        if gw is not None:
+            gw.index_add_(0, labels, x, alpha=-1.0)
+            gw *= scale
+        return gx, gw, None, None
+
+
+def _ce(x: Tensor, weight: Tensor, labels: Tensor, chunk_classes: int | None) -> Tensor:
+    if chunk_classes is None or chunk_classes >= weight.shape[0]:
+        return F.cross_entropy(x @ weight.T, labels)
+    return _ChunkedCE.apply(x, weight, labels, int(chunk_classes))
+
+
+def instance(
+    img: Tensor, txt: Tensor, labels: Tensor, weight: Tensor, chunk_classes: int | None = None,
+) -> Tensor:
+    """IConE instance loss (IConE Eqs. 1–5; Dual-Path's instance loss): ``L = L_v + L_t`` with
+    ``L_v = CE(img @ Wᵀ, labels)``, ``L_t = CE(txt @ Wᵀ, labels)``, each a batch mean.
+
+    ``weight`` is the classifier ``W ∈ R^{C×d}`` shared by both modalities (bias-free); inputs are
+    NOT normalised. ``chunk_classes`` bounds memory by streaming the softmax over class chunks
+    (same value and gradient as the plain path).
+    """
+    _check_2d("img", img)
+    _check_2d("txt", txt, img.shape[0])
+    _check_2d("weight", weight)
+    if img.shape[1] != weight.shape[1] or txt.shape[1] != weight.shape[1]:
+        raise ItrkitError(f"instance classifier has dim {weight.shape[1]} but embeddings have dims "
+                          f"{img.shape[1]} (image) and {txt.shape[1]} (text)")
+    if chunk_classes is not None and chunk_classes <= 0:
+        raise ItrkitError(f"chunk_classes must be a positive number of classes, got {chunk_classes}")
+    lab = _check_labels(labels, img.shape[0], weight.shape[0]).to(img.device)
+    dt = _compute_dtype(img, txt, weight)
+    w = weight.to(dt)
+    return _ce(img.to(dt), w, lab, chunk_classes) + _ce(txt.to(dt), w, lab, chunk_classes)
