@@ -3,108 +3,316 @@
 i2t rank of image n: the best (lowest) 0-based rank among its captions in row n's descending
 scores; t2i rank of caption m: the rank of its image. Ties: a candidate with an equal score and a
 lower index ranks first, i.e. ``rank = #{j: s_j > s_true} + #{j < true: s_j = s_true}``.
-``R@K = 100·mean(rank < K)``, ``rsum`` = sum of the six R@K, ``medr``/``meanr`` of rank + 1.
+``R@K = 100·mean(rank < K)``, ``rsum`` = sum of the six R@K, ``medr``/``meanr`` of rank + 1
+(``medr`` is floored, as in the VSE++ evaluation code the field copies).
+
+Scores are cosine similarities in float32 (``torch`` matmul). Without ``rerank`` the N×M score
+matrix is computed once, one block of image rows at a time, and both directions are ranked from
+that block: i2t rows are complete inside a block; for t2i the column threshold (the true pair's
+score) is needed before its block is seen, so blocks compare against an estimate with a safety
+band wider than float32 matmul error and the few in-band entries are settled exactly at the end
+against the matmul's own value. With ``rerank`` each direction gets its own pass (two matmuls).
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from itrkit.errors import DataError
+
 PRIMARY_METRIC = "rsum"
 KS = (1, 5, 10)
+METRIC_KEYS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum",
+               "i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr")
+
+# rerank(scores, query_indices, direction) -> new scores of the same shape. direction "i2t": rows are
+# a chunk of images, columns all captions; "t2i": rows a chunk of captions, columns all images.
+Rerank = Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]
+
+_U = 2.0 ** -24  # float32 unit roundoff
+_BAND_ULPS = 64
 
 
 def l2_normalize(x: Any) -> torch.Tensor:
-    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).float()
-    return F.normalize(t, dim=-1)
+    """A float32 CPU tensor with unit rows (arrays, lists or tensors of any float dtype)."""
+    t = x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+    t = t.to(device="cpu", dtype=torch.float32)
+    if t.ndim != 2:
+        raise DataError(f"embeddings must be a 2-D (rows × dim) array, got shape {tuple(t.shape)}")
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        row = int((~torch.isfinite(t)).any(1).nonzero()[0])
+        raise DataError(f"embedding row {row} is not finite (NaN or Inf)")
+    return F.normalize(t, dim=1)
 
 
-def _ranks_of_targets(scores: torch.Tensor, target_cols: torch.Tensor) -> torch.Tensor:
-    """0-based rank of column ``target_cols[i]`` in row i of ``scores`` (ties: lower index first)."""
-    true = scores.gather(1, target_cols[:, None])
-    cols = torch.arange(scores.shape[1])[None, :]
-    higher = (scores > true).sum(1)
-    tied_before = ((scores == true) & (cols < target_cols[:, None])).sum(1)
-    return higher + tied_before
-
-
-def ranks(img_emb: Any, txt_emb: Any, txt2img: Any, chunk_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """(i2t ranks per image, t2i ranks per caption), 0-based."""
-    img, txt = l2_normalize(img_emb), l2_normalize(txt_emb)
-    t2i_map = torch.as_tensor(np.asarray(txt2img), dtype=torch.long)
+def _check(img: torch.Tensor, txt: torch.Tensor, txt2img: Any) -> torch.Tensor:
     n, m = len(img), len(txt)
-    if len(t2i_map) != m:
-        raise ValueError(f"txt2img has {len(t2i_map)} entries for {m} captions")
-    # t2i: a chunk of caption rows against all images (chunk × N scores at a time)
-    t2i = torch.empty(m, dtype=torch.long)
-    for s in range(0, m, chunk_size):
-        sc = (img @ txt[s:s + chunk_size].T).T  # the same products as the i2t pass: ties agree
-        t2i[s:s + chunk_size] = _ranks_of_targets(sc, t2i_map[s:s + chunk_size])
-    # i2t: a chunk of image rows against all captions. An image's best rank is the rank of its
-    # highest-scoring caption (the lowest index among equal scores), so one target per row.
-    counts = torch.bincount(t2i_map, minlength=n)
+    if n == 0 or m == 0:
+        raise DataError(f"nothing to evaluate: {n} images, {m} captions")
+    if img.shape[1] != txt.shape[1]:
+        raise DataError(f"image embeddings are {img.shape[1]}-d but text embeddings {txt.shape[1]}-d")
+    t2i = torch.as_tensor(np.asarray(txt2img)).reshape(-1)
+    if t2i.is_floating_point() or t2i.dtype == torch.bool:
+        raise DataError(f"txt2img must hold integer image indices, got {t2i.dtype}")
+    t2i = t2i.long()
+    if len(t2i) != m:
+        raise DataError(f"txt2img has {len(t2i)} entries for {m} captions")
+    if int(t2i.min()) < 0 or int(t2i.max()) >= n:
+        bad = int(((t2i < 0) | (t2i >= n)).nonzero()[0])
+        raise DataError(f"txt2img[{bad}] = {int(t2i[bad])} is not an image index in [0, {n})")
+    counts = torch.bincount(t2i, minlength=n)
     if bool((counts == 0).any()):
-        raise ValueError(f"image {int((counts == 0).nonzero()[0])} has no caption")
-    order = torch.argsort(t2i_map, stable=True)  # captions grouped by image, ascending index
-    width = int(counts.max())
+        raise DataError(f"image {int((counts == 0).nonzero()[0])} has no caption")
+    return t2i
+
+
+def _caption_table(t2i: torch.Tensor, n: int) -> torch.Tensor:
+    """(n, max captions) table of each image's caption indices, ascending, padded with -1."""
+    counts = torch.bincount(t2i, minlength=n)
+    order = torch.argsort(t2i, stable=True)  # grouped by image, ascending caption index inside
     starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(m) - starts[t2i_map[order]]
-    caps = torch.full((n, width), -1, dtype=torch.long)
-    caps[t2i_map[order], slot] = order
+    slot = torch.arange(len(t2i)) - starts[t2i[order]]
+    caps = torch.full((n, int(counts.max())), -1, dtype=torch.long)
+    caps[t2i[order], slot] = order
+    return caps
+
+
+def _count(mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """Number of ones along ``dim`` of a float 0/1 matrix, as int64.
+
+    A matrix-vector product with ones is several times faster than ``sum`` (or summing a bool
+    tensor) on CPU, and float32 sums of 0/1 are exact below 2**24 terms in any order.
+    """
+    if mask.shape[dim] >= 2 ** 24:
+        return mask.sum(dim, dtype=torch.float64).long()
+    ones = torch.ones(mask.shape[dim], dtype=mask.dtype)
+    return (torch.mv(mask, ones) if dim == 1 else torch.mv(mask.T, ones)).long()
+
+
+def _row_ranks(scores: torch.Tensor, target: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """0-based rank of column ``target[i]`` in row i (ties: lower index first)."""
+    true = scores.gather(1, target[:, None])
+    higher = _count(torch.gt(scores, true, out=buf), 1)
+    equal = _count(torch.ge(scores, true, out=buf), 1) - higher  # ≥ 1: the target itself
+    tied = (equal > 1).nonzero().squeeze(1)
+    if len(tied):  # rare with float scores: count equal scores at lower indices exactly
+        cols = torch.arange(scores.shape[1])
+        sub = scores[tied]
+        before = ((sub == true[tied]) & (cols[None, :] < target[tied, None])).sum(1)
+        higher[tied] += before
+    return higher
+
+
+def _best_own(scores: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
+    """Each row's highest-scoring own caption (lowest index among equal scores).
+
+    Its rank is the image's i2t rank: any other own caption has a lower score (so at least as
+    many higher-or-earlier-tied candidates) or an equal score and a higher index.
+    """
+    own = scores.gather(1, caps.clamp(min=0)).masked_fill(caps < 0, float("-inf"))
+    return caps.gather(1, own.argmax(1, keepdim=True)).squeeze(1)  # argmax: first of equal maxima
+
+
+def _buffer(rows: int, cols: int) -> torch.Tensor:
+    return torch.empty(rows, cols, dtype=torch.float32)
+
+
+def ranks(img_emb: Any, txt_emb: Any, txt2img: Any, chunk_size: int = 1024,
+          rerank: Rerank | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(i2t rank of each image, t2i rank of each caption), 0-based numpy int64 arrays."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
+    img, txt = l2_normalize(img_emb), l2_normalize(txt_emb)
+    t2i = _check(img, txt, txt2img)
+    with torch.no_grad():
+        if rerank is None:
+            out = _ranks_single_pass(img, txt, t2i, chunk_size)
+            if out is not None:
+                return out
+        return _ranks_two_pass(img, txt, t2i, chunk_size, rerank)
+
+
+def _ranks_two_pass(img: torch.Tensor, txt: torch.Tensor, t2i: torch.Tensor, chunk_size: int,
+                    rerank: Rerank | None) -> tuple[np.ndarray, np.ndarray]:
+    """Each direction from its own row blocks (needed when ``rerank`` sees whole query rows)."""
+    n, m = len(img), len(txt)
+    caps = _caption_table(t2i, n)
     i2t = torch.empty(n, dtype=torch.long)
+    block, buf = _buffer(min(chunk_size, n), m), _buffer(min(chunk_size, n), m)
     for s in range(0, n, chunk_size):
-        sc = img[s:s + chunk_size] @ txt.T
-        c = caps[s:s + chunk_size]
-        own = sc.gather(1, c.clamp(min=0)).masked_fill(c < 0, float("-inf"))
-        target = c.gather(1, own.argmax(1, keepdim=True)).squeeze(1)  # argmax: first of equal maxima
-        i2t[s:s + chunk_size] = _ranks_of_targets(sc, target)
-    return i2t.numpy(), t2i.numpy()
+        rows = torch.arange(s, min(s + chunk_size, n))
+        sc = torch.matmul(img[rows[0]:rows[-1] + 1], txt.T, out=block[:len(rows)])
+        if rerank is not None:
+            sc = _apply(rerank, sc, rows, "i2t")
+        i2t[rows] = _row_ranks(sc, _best_own(sc, caps[rows]), buf[:len(rows)])
+    t2i_r = torch.empty(m, dtype=torch.long)
+    block, buf = _buffer(min(chunk_size, m), n), _buffer(min(chunk_size, m), n)
+    for s in range(0, m, chunk_size):
+        rows = torch.arange(s, min(s + chunk_size, m))
+        sc = torch.matmul(txt[rows[0]:rows[-1] + 1], img.T, out=block[:len(rows)])
+        if rerank is not None:
+            sc = _apply(rerank, sc, rows, "t2i")
+        t2i_r[rows] = _row_ranks(sc, t2i[rows], buf[:len(rows)])
+    return i2t.numpy(), t2i_r.numpy()
+
+
+def _apply(rerank: Rerank, sc: torch.Tensor, rows: torch.Tensor, direction: str) -> torch.Tensor:
+    out = torch.as_tensor(rerank(sc, rows, direction), dtype=torch.float32)
+    if out.shape != sc.shape:
+        raise ValueError(f"rerank returned shape {tuple(out.shape)} for {direction} scores of shape {tuple(sc.shape)}")
+    return out
+
+
+def _ranks_single_pass(img: torch.Tensor, txt: torch.Tensor, t2i: torch.Tensor,
+                       chunk_size: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Both directions from one pass of image-row blocks (one matmul of N×M in total).
+
+    t2i needs each caption's true score before the block holding its image is computed, so
+    blocks are compared with a band of ±64 ulp around a separately computed estimate; entries
+    above the band are surely higher, entries inside are kept and settled exactly at the end
+    against the matmul's own true score. Returns None (the caller then ranks with two passes)
+    if the matmul's true scores left the inner half of the band, which float32 matmul does not
+    do (measured ≤ 4 ulp) but a reduced-precision matmul setting could.
+    """
+    n, m = len(img), len(txt)
+    caps = _caption_table(t2i, n)
+    by_image = torch.argsort(t2i, stable=True)  # captions of images [s, e) = by_image[first[s]:first[e]]
+    first = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(torch.bincount(t2i, minlength=n), 0)])
+    # Half-width of the band: float32 matmul of unit vectors lands within a few ulp of the exact
+    # score (measured ≤ 4u for d = 8…16384); the check below falls back if it ever does not.
+    tol = _BAND_ULPS * _U
+    approx = (img[t2i] * txt).sum(1).double()  # within a few ulp of the matmul's value
+    hi_thr = (approx + tol).float()[None, :]
+    lo_thr = (approx - tol).float()[None, :]
+    exact = torch.empty(m, dtype=torch.float32)  # the matmul's own true-pair scores
+    higher = torch.zeros(m, dtype=torch.long)  # t2i: entries above the band (surely higher)
+    band_rows, band_cols, band_vals = [], [], []
+    i2t = torch.empty(n, dtype=torch.long)
+    # Reused buffers: fresh 100 MB blocks per chunk would cost page faults on every block.
+    block, buf = _buffer(min(chunk_size, n), m), _buffer(min(chunk_size, n), m)
+    for s in range(0, n, chunk_size):
+        e = min(s + chunk_size, n)
+        sc = torch.matmul(img[s:e], txt.T, out=block[:e - s])
+        b = buf[:e - s]
+        i2t[s:e] = _row_ranks(sc, _best_own(sc, caps[s:e]), b)
+        # t2i: count per caption column against the band around its true score
+        above = _count(torch.gt(sc, hi_thr, out=b), 0)
+        in_band = _count(torch.ge(sc, lo_thr, out=b), 0) - above
+        higher += above
+        mine = by_image[first[s]:first[e]]  # captions whose image is in this block
+        exact[mine] = sc.view(-1).take((t2i[mine] - s) * m + mine)
+        in_band[mine] -= 1  # the true pair itself sits in its band (checked below)
+        cols = (in_band > 0).nonzero().squeeze(1)
+        if len(cols):
+            sub = sc.index_select(1, cols)
+            hit = (sub >= lo_thr[:, cols]) & (sub <= hi_thr[:, cols])
+            r, c = hit.nonzero(as_tuple=True)
+            band_rows.append(r + s)
+            band_cols.append(cols[c])
+            band_vals.append(sub[r, c])
+    if bool(((exact.double() - approx).abs() > tol / 2).any()):
+        warnings.warn("float32 matmul strayed beyond its error bound (reduced-precision matmul?); "
+                      "ranking again with two passes", RuntimeWarning, stacklevel=3)
+        return None
+    if band_rows:
+        r, c, v = torch.cat(band_rows), torch.cat(band_cols), torch.cat(band_vals)
+        true_img = t2i[c]
+        keep = r != true_img
+        r, c, v, true_img = r[keep], c[keep], v[keep], true_img[keep]
+        ex = exact[c]
+        wins = (v > ex) | ((v == ex) & (r < true_img))
+        higher += torch.bincount(c[wins], minlength=m)
+    return i2t.numpy(), higher.numpy()
 
 
 def metrics_from_ranks(i2t: np.ndarray, t2i: np.ndarray, ks: tuple[int, ...] = KS) -> dict[str, float]:
+    """R@K (×100), RSUM and floored median / mean of rank + 1 from 0-based ranks."""
+    i2t, t2i = np.asarray(i2t), np.asarray(t2i)
     out: dict[str, float] = {}
     for name, r in (("i2t", i2t), ("t2i", t2i)):
         for k in ks:
             out[f"{name}_R@{k}"] = float(100.0 * np.mean(r < k))
-    out["rsum"] = float(sum(out[f"{n}_R@{k}"] for n in ("i2t", "t2i") for k in ks))
+    out["rsum"] = float(sum(out[f"{d}_R@{k}"] for d in ("i2t", "t2i") for k in ks))
     for name, r in (("i2t", i2t), ("t2i", t2i)):
         out[f"{name}_medr"] = float(np.floor(np.median(r + 1)))
         out[f"{name}_meanr"] = float(np.mean(r + 1))
     return out
 
 
-def evaluate_retrieval(img_emb: Any, txt_emb: Any, txt2img: Any, chunk_size: int = 1024) -> dict[str, float]:
-    """R@1/5/10 both ways, RSUM, MedR, MnR (SPEC §4). Embeddings are L2-normalised inside."""
-    i2t, t2i = ranks(img_emb, txt_emb, txt2img, chunk_size)
+def evaluate_retrieval(img_emb: Any, txt_emb: Any, txt2img: Any, chunk_size: int = 1024,
+                       rerank: Rerank | None = None) -> dict[str, float]:
+    """R@1/5/10 both ways, RSUM, MedR, MnR (SPEC §4). Embeddings are L2-normalised inside.
+
+    ``txt2img[m]`` is caption m's image index; every image needs ≥ 1 caption. ``rerank``
+    (optional) rescores each block of query rows before ranking: ``rerank(scores, query_idx,
+    "i2t"|"t2i")`` gets image rows × all captions, then caption rows × all images.
+    Memory: about 2 × chunk_size × max(N, M) float32 values, never the whole score matrix.
+    """
+    i2t, t2i = ranks(img_emb, txt_emb, txt2img, chunk_size, rerank)
     return metrics_from_ranks(i2t, t2i)
 
 
-def topk(queries: Any, gallery: Any, k: int, chunk_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Exact cosine top-k of each query in chunks; ties broken by the lower gallery index."""
-    q, g = l2_normalize(queries), l2_normalize(gallery)
-    k = min(k, len(g))
-    scores, idx = [], []
-    for s in range(0, len(q), chunk_size):
-        sc = q[s:s + chunk_size] @ g.T
-        # stable sort on -score keeps lower indices first among equal scores
-        order = torch.sort(-sc, dim=1, stable=True).indices[:, :k]
-        idx.append(order)
-        scores.append(sc.gather(1, order))
-    if not idx:
-        return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
-    return torch.cat(scores).numpy(), torch.cat(idx).numpy()
+def topk(queries: Any, gallery: Any, k: int, chunk_size: int = 1024,
+         normalized: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Exact cosine top-k of each query, in chunks: (scores, indices), each (Q, min(k, G)).
+
+    Ordered by descending score; equal scores by the lower gallery index (the rank convention
+    of :func:`ranks`, including which of several equal scores make the cut at position k).
+    ``normalized=True`` skips the L2 normalisation for float32 tensors that already have unit rows.
+    """
+    if normalized:
+        q, g = torch.as_tensor(queries, dtype=torch.float32), torch.as_tensor(gallery, dtype=torch.float32)
+    else:
+        q, g = l2_normalize(queries), l2_normalize(gallery)
+    if len(q) and q.shape[1] != g.shape[1]:
+        raise DataError(f"query embeddings are {q.shape[1]}-d but gallery embeddings {g.shape[1]}-d")
+    k = min(int(k), len(g))
+    scores = torch.empty(len(q), k, dtype=torch.float32)
+    index = torch.empty(len(q), k, dtype=torch.long)
+    if k <= 0 or len(q) == 0:
+        return scores.numpy(), index.numpy()
+    buf = _buffer(min(chunk_size, len(q)), len(g))
+    with torch.no_grad():
+        for s in range(0, len(q), chunk_size):
+            e = min(s + chunk_size, len(q))
+            sc = q[s:e] @ g.T
+            vals, idx = torch.topk(sc, k, dim=1)
+            # Within the chosen set order by (score desc, index asc): sort by index, then a
+            # stable sort by score.
+            by_idx = torch.argsort(idx, dim=1)
+            idx, vals = idx.gather(1, by_idx), vals.gather(1, by_idx)
+            by_score = torch.sort(-vals, dim=1, stable=True).indices
+            idx, vals = idx.gather(1, by_score), vals.gather(1, by_score)
+            # Rows where the k-th score is shared with candidates left out: topk may have kept
+            # a higher index; redo those rows with a full stable sort.
+            n_ge = _count(torch.ge(sc, vals[:, -1:], out=buf[:e - s]), 1)
+            redo = (n_ge > k).nonzero().squeeze(1)
+            if len(redo):
+                order = torch.sort(-sc[redo], dim=1, stable=True).indices[:, :k]
+                idx[redo] = order
+                vals[redo] = sc[redo].gather(1, order)
+            scores[s:e], index[s:e] = vals, idx
+    return scores.numpy(), index.numpy()
 
 
 class RetrievalEvaluator:
     """sentence-transformers style: call with embeddings, get a dict; ``primary_metric`` names the key."""
 
-    def __init__(self, primary: str = PRIMARY_METRIC, chunk_size: int = 1024) -> None:
+    def __init__(self, primary: str = PRIMARY_METRIC, chunk_size: int = 1024,
+                 rerank: Rerank | None = None) -> None:
+        if primary not in METRIC_KEYS:
+            raise ValueError(f"unknown primary metric {primary!r}; one of {', '.join(METRIC_KEYS)}")
         self.primary_metric = primary
         self.chunk_size = chunk_size
+        self.rerank = rerank
+        # medr/meanr: lower is better; every other key: higher is better
+        self.greater_is_better = not primary.endswith(("medr", "meanr"))
 
     def __call__(self, img_emb: Any, txt_emb: Any, txt2img: Any) -> dict[str, float]:
-        return evaluate_retrieval(img_emb, txt_emb, txt2img, self.chunk_size)
+        return evaluate_retrieval(img_emb, txt_emb, txt2img, self.chunk_size, self.rerank)

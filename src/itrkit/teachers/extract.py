@@ -1,0 +1,245 @@
+"""Run a teacher once over a dataset and stream its features into a :class:`FeatureStore`.
+
+CUSA's teachers are frozen uni-modal models whose features are extracted offline (paper §3.1:
+Unicom-ViT-B/32 for images, all-mpnet-base-v2 for texts; "any available models" may replace
+them). Memory is bounded by one batch (plus the PCA sample when reducing with PCA): rows go to
+disk as they are computed.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from itrkit.errors import ConfigError, ItrkitError, StoreError
+from itrkit.teachers.reduce import Reducer, parse_reduction
+from itrkit.teachers.store import KINDS, FeatureStore
+
+MPNET_NAMES = ("mpnet", "all-mpnet-base-v2")
+
+
+def _is_tower(encoder: Any) -> bool:
+    return isinstance(encoder, nn.Module) and callable(getattr(encoder, "prepare", None))
+
+
+def _describe(encoder: Any, teacher_name: str | None) -> tuple[str, dict[str, Any]]:
+    """Teacher name and the JSON description recorded in the store header."""
+    if _is_tower(encoder):
+        spec = getattr(encoder, "spec", None) or {}
+        name = teacher_name or (spec.get("name") if isinstance(spec, dict) else None) or type(encoder).__name__
+        info: dict[str, Any] = {"name": str(name), "spec": spec, "class": type(encoder).__name__}
+        if callable(getattr(encoder, "fingerprint", None)):
+            info["fingerprint"] = encoder.fingerprint()
+        return str(name), info
+    if callable(encoder):
+        qual = f"{getattr(encoder, '__module__', '?')}.{getattr(encoder, '__qualname__', type(encoder).__qualname__)}"
+        name = teacher_name or getattr(encoder, "__name__", None) or type(encoder).__name__
+        return str(name), {"name": str(name), "callable": qual}
+    raise ConfigError(f"a teacher must be an itrkit Tower or a callable list → array, not {type(encoder).__name__}")
+
+
+def _order(items: Sequence[Any], kind: str) -> np.ndarray:
+    """Longest texts first: batches of similar length waste less padding (rows land by index)."""
+    if kind == "text" and all(isinstance(t, str) for t in items):
+        return np.argsort(-np.fromiter((len(t) for t in items), dtype=np.int64, count=len(items)), kind="stable")
+    return np.arange(len(items))
+
+
+def _batches(order: np.ndarray, size: int) -> list[np.ndarray]:
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+def _encoded(encoder: Any, items: Sequence[Any], chunks: list[np.ndarray]) -> Iterator[tuple[np.ndarray, Any]]:
+    """Yield (row indices, raw output) per chunk; a tower's next batch is prepared in a thread
+    while the current one runs (image decoding overlaps the forward pass)."""
+    if not chunks:
+        return
+    if _is_tower(encoder):
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            nxt = pool.submit(encoder.prepare, [items[i] for i in chunks[0]])
+            for k, chunk in enumerate(chunks):
+                inputs = nxt.result()
+                if k + 1 < len(chunks):
+                    nxt = pool.submit(encoder.prepare, [items[i] for i in chunks[k + 1]])
+                with torch.inference_mode():
+                    yield chunk, encoder(inputs)
+    else:
+        for chunk in chunks:
+            with torch.inference_mode():
+                yield chunk, encoder([items[i] for i in chunk])
+
+
+def _as_tensor(out: Any, n: int, name: str) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        t = out
+    else:
+        try:
+            t = torch.from_numpy(np.asarray(out, dtype=np.float32))
+        except (TypeError, ValueError):
+            raise ConfigError(f"teacher {name} returned {type(out).__name__}, not an array of features") from None
+    if t.ndim < 1 or t.shape[0] != n:
+        raise ConfigError(f"teacher {name} returned {tuple(t.shape)} for a batch of {n} items")
+    return t
+
+
+def extract_teacher(encoder: nn.Module | Callable[[list[Any]], Any], items: Sequence[Any], ids: Sequence[str],
+                    out_path: str | os.PathLike, kind: str, teacher_name: str | None = None, batch_size: int = 64,
+                    reduction: Any = None, fp16: bool = True, *, overwrite: bool = False,
+                    source: str | None = None, pca_sample: int = 2048, has_cls: bool | None = None,
+                    seed: int = 0, progress: bool = True) -> FeatureStore:
+    """Run ``encoder`` over ``items`` once and write one row per id to ``out_path`` (a store folder).
+
+    ``encoder`` is an itrkit Tower (``prepare`` + ``forward``) or any callable taking a list of
+    items and returning ``[B, D]`` (or ``[B, T, D]`` tokens) as an array or tensor.
+    ``reduction``: see :mod:`itrkit.teachers.reduce` (e.g. ``"grid:2"``, ``"mean+pca:256"``); PCA
+    is fitted on ``pca_sample`` random items (held in memory as float32 while fitting).
+    ``fp16``: store float16 (default, the format's intent) or float32. Prints items/s at the end.
+    """
+    items = list(items)
+    ids = [str(i) for i in ids]
+    out_path = Path(out_path)
+    if kind not in KINDS:
+        raise ConfigError(f"kind must be 'image' or 'text', not {kind!r}")
+    if len(items) != len(ids):
+        raise ConfigError(f"{len(items)} items but {len(ids)} ids for teacher store {out_path}")
+    if not items:
+        raise ConfigError(f"no items to extract for {out_path}")
+    if batch_size <= 0:
+        raise ConfigError(f"batch_size must be positive, got {batch_size}")
+    if out_path.exists() and not overwrite:
+        raise StoreError(f"{out_path} already exists (delete it or pass overwrite)")
+    name, info = _describe(encoder, teacher_name)
+    reducer = Reducer(reduction, has_cls=has_cls)
+    if _is_tower(encoder):
+        encoder.eval()
+    order = _order(items, kind)
+    n = len(items)
+    writer = None
+    sample_n = 0
+
+    def open_writer(dim: int) -> Any:
+        return FeatureStore.create(out_path, ids, dim, info, kind, source=source,
+                                   dtype="float16" if fp16 else "float32", overwrite=overwrite)
+
+    bar = tqdm(total=n, desc=f"{kind} teacher {name}", unit="item", disable=None if progress else True)
+    t0 = time.perf_counter()
+    try:
+        rest = order
+        if reducer.pca_components:
+            sample_n = min(n, pca_sample)
+            chosen = np.zeros(n, dtype=bool)
+            chosen[np.random.default_rng(seed).choice(n, sample_n, replace=False)] = True
+            sample_order, rest = order[chosen[order]], order[~chosen[order]]
+            rows, feats = [], []
+            for chunk, out in _encoded(encoder, items, _batches(sample_order, batch_size)):
+                feats.append(reducer.pool(_as_tensor(out, len(chunk), name)))
+                rows.append(chunk)
+                bar.update(len(chunk))
+            sample = torch.cat(feats)
+            reducer.fit(sample)
+            projected = reducer.project(sample)
+            del feats, sample
+            writer = open_writer(projected.shape[1])
+            assert reducer.pca is not None
+            writer.save_tensors("pca.safetensors", reducer.pca.state(),
+                                metadata={"n_seen": str(reducer.pca.n_seen), "total_var": repr(reducer.pca.total_var)})
+            writer.write_rows(np.concatenate(rows), projected)
+        for chunk, out in _encoded(encoder, items, _batches(rest, batch_size)):
+            feats = reducer.project(reducer.pool(_as_tensor(out, len(chunk), name)))
+            if writer is None:
+                writer = open_writer(feats.shape[1])
+            writer.write_rows(chunk, feats)
+            bar.update(len(chunk))
+        assert writer is not None
+        seconds = time.perf_counter() - t0
+        writer.reduction = reducer.header(sample=sample_n)
+        writer.extra = {"reduction_spec": reducer.steps,
+                        "extraction": {"seconds": round(seconds, 3), "items_per_s": round(n / seconds, 2),
+                                       "batch_size": batch_size}}
+        store = writer.close()
+    except BaseException as e:
+        if writer is not None:
+            writer.abort(e)
+        raise
+    finally:
+        bar.close()
+    print(f"{kind} teacher {name}: {n} items in {seconds:.1f} s ({n / seconds:.1f} items/s), "
+          f"{store.count}×{store.dim} {store.dtype} → {out_path}", file=sys.stderr)
+    return store
+
+
+def resolve_teacher(spec: str) -> str:
+    """Map teacher names that need local assembly to tower specs (``mpnet`` → ``st:<folder>``)."""
+    if spec in MPNET_NAMES:
+        from itrkit.teachers.mpnet import install_mpnet, installed_parts, mpnet_path
+
+        try:
+            return f"st:{mpnet_path()}"
+        except ItrkitError:
+            if not installed_parts():
+                raise
+            print("assembling all-mpnet-base-v2 from its installed wheels (once)", file=sys.stderr)
+            return f"st:{install_mpnet(pip=False)}"
+    return spec
+
+
+def _reuse(path: Path, teacher: str, steps: list[str], ids: list[str], overwrite: bool) -> bool:
+    """True when ``path`` already holds this teacher's features for these ids (idempotent teach)."""
+    if overwrite or not path.exists():
+        return False
+    store = FeatureStore.open(path)
+    same = store.teacher == teacher and store.header.get("reduction_spec", []) == steps
+    if same:
+        store.check_ids(ids)
+        print(f"reusing {path} ({store.teacher}, {store.count}×{store.dim})", file=sys.stderr)
+        return True
+    raise StoreError(f"{path} already holds features of teacher '{store.teacher}' "
+                     f"(reduction {store.header.get('reduction_spec', [])}); delete it or pass overwrite")
+
+
+def teach(dataset: Any, image_teacher: str | None, text_teacher: str | None, out_dir: str | os.PathLike,
+          reduction: Any = None, *, batch_size: int = 64, overwrite: bool = False,
+          pca_sample: int = 2048) -> dict[str, Path]:
+    """Extract the image teacher over ``dataset``'s images and the text teacher over its captions.
+
+    Writes ``out_dir/image.store`` (keyed by image id) and ``out_dir/text.store`` (by caption id).
+    Teachers are tower specs for :func:`itrkit.models.towers.build_tower` (e.g. ``efficientnet-lite2``,
+    ``minilm``, ``st:PATH``, ``hf-vision:PATH``, ``clip:PATH``) or ``mpnet`` (the paper's
+    all-mpnet-base-v2, assembled from its PyPI wheels). ``reduction`` applies to both, or give
+    ``{"image": ..., "text": ...}``. An existing store of the same teacher and ids is reused.
+    """
+    from itrkit.models.towers import build_tower
+
+    if image_teacher is None and text_teacher is None:
+        raise ConfigError("teach needs an image teacher, a text teacher or both")
+    per_kind = dict(reduction) if isinstance(reduction, dict) else {"image": reduction, "text": reduction}
+    unknown = set(per_kind) - set(KINDS)
+    if unknown:
+        raise ConfigError(f"reduction keys must be 'image' and/or 'text', not {sorted(unknown)}")
+    out_dir = Path(out_dir)
+    jobs = [("image", image_teacher, dataset.image_ids, [str(p) for p in dataset.image_paths]),
+            ("text", text_teacher, dataset.caption_ids, dataset.texts)]
+    paths: dict[str, Path] = {}
+    for kind, teacher, ids, items in jobs:
+        if teacher is None:
+            continue
+        path = out_dir / f"{kind}.store"
+        steps = parse_reduction(per_kind.get(kind))
+        if not _reuse(path, teacher, steps, ids, overwrite):
+            tower = build_tower(resolve_teacher(teacher), kind)
+            tower.set_trainable("frozen")
+            extract_teacher(tower, items, ids, path, kind, teacher_name=teacher, batch_size=batch_size,
+                            reduction=steps or None, overwrite=overwrite, source=getattr(dataset, "name", None),
+                            pca_sample=pca_sample)
+        paths[kind] = path
+    return paths
