@@ -154,13 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--quick", action="store_true", help="smaller and faster (for tests)")
     de.set_defaults(func=_cmd_demo)
 
-    for extra in ("itrkit.index.cli", "itrkit.reproduce", "itrkit.eval.report_cli"):
-        try:
-            mod = __import__(extra, fromlist=["add_parsers"])
-        except ModuleNotFoundError as err:
-            if err.name and err.name.startswith("itrkit"):
-                continue
-            raise
+    from itrkit import reproduce
+    from itrkit.eval import report_cli
+    from itrkit.index import cli as index_cli
+
+    for mod in (index_cli, reproduce, report_cli):
         mod.add_parsers(sub)
     return p
 

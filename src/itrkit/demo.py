@@ -1,71 +1,125 @@
 """``itrkit demo``: the main job on the embedded synthetic data, no download, nothing from outside.
 
 1. render the synthetic captioned-image set (known multi-positive relations),
-2. cache frozen EfficientNet-Lite0 / all-MiniLM-L6-v2 features (both ship in PyPI wheels),
-3. train the InfoNCE baseline heads, selecting the epoch on validation,
-4. evaluate the selected model on the held-out test images and print the table,
-5. build a search index of the test images and print the ``itrkit serve`` command.
+2. extract the frozen teachers once (EfficientNet-Lite2 for images, all-MiniLM-L6-v2 for text,
+   both from PyPI wheels) into feature stores,
+3. cache frozen EfficientNet-Lite0 / all-MiniLM-L6-v2 student features, then train two models
+   side by side from the same initialisation and batch order: the InfoNCE baseline and CUSA
+   (InfoNCE + α·CSA + β·USA, SPEC §1) on the same trainable trunk; epochs picked on validation,
+4. evaluate both on the held-out test images: cross-modal retrieval and the uni-modal gain
+   (image→image and caption→caption R@1 by shared objects),
+5. build a search index of the test images with the CUSA model and print the ``itrkit serve`` command.
 Everything is written under ``--out``.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from itrkit.config import load_config
+from itrkit.train.config import TrainConfig
+
+# Shared by both runs so that only the loss differs (same trunk, heads, seed, batch order).
+COMMON = ["batch_size=64", "stages.0.lr=0.001", "loss.tau=0.1", "loss.tau_learnable=false", "log_every=20",
+          "model.trunk=mlp", "model.trunk_hidden=512", "model.embed_dim=256"]
+# CUSA with a sharp teacher (FINDINGS F1: at teacher temperature 1.0 the soft labels are uniform).
+CUSA = ["loss.csa=1.0", "loss.usa=1.0", "loss.tau_teacher=0.1", "model.usa_heads=true"]
+IMAGE_TEACHER, TEXT_TEACHER = "efficientnet-lite2", "minilm"
 
 
-def demo_config(out: Path, data: Path, quick: bool):
-    from itrkit.train.config import TrainConfig
+def demo_configs(out: Path, data: Path, teachers: Path, quick: bool) -> dict[str, TrainConfig]:
+    epochs = "3" if quick else "12"
+    base = [f"data.path={data}", f"cache_dir={out / 'cache'}", f"stages.0.epochs={epochs}"] + COMMON
+    stores = [f"teacher.image_store={teachers / 'image.store'}", f"teacher.text_store={teachers / 'text.store'}"]
+    return {
+        "InfoNCE": load_config(TrainConfig, None, overrides=base + [f"out={out / 'runs' / 'infonce'}"]),
+        "CUSA": load_config(TrainConfig, None, overrides=base + CUSA + stores + [f"out={out / 'runs' / 'cusa'}"]),
+    }
 
-    overrides = [
-        f"out={out / 'runs' / 'infonce'}", f"data.path={data}", f"cache_dir={out / 'cache'}",
-        "batch_size=64", "stages.0.epochs=" + ("3" if quick else "12"), "stages.0.lr=0.001",
-        "loss.tau=0.1", "loss.tau_learnable=false", "log_every=20",
-    ]
-    return load_config(TrainConfig, None, overrides=overrides)
+
+def unimodal_scores(image_emb: np.ndarray, text_emb: np.ndarray, ds: Any) -> dict[str, float]:
+    """R@1 (×100) of uni-modal retrieval by content: the nearest *other* image of each image, and the
+    nearest caption of another image for each caption, is a hit when the two scenes share an object
+    (same shape and colour). Captions of the query's own image are excluded (they would be trivial)."""
+    objects = [set(r.labels) for r in ds.records]
+    share = np.array([[bool(a & b) for b in objects] for a in objects])
+
+    def r1(emb: np.ndarray, owner: np.ndarray) -> float:
+        e = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+        sims = e @ e.T
+        sims[owner[:, None] == owner[None, :]] = -np.inf  # itself and same-image items
+        return float(100.0 * share[owner, owner[sims.argmax(1)]].mean())
+
+    return {"img2img_R@1": r1(np.asarray(image_emb), np.arange(len(objects))),
+            "txt2txt_R@1": r1(np.asarray(text_emb), np.asarray(ds.txt2img))}
 
 
-def run_demo(out: Path, quick: bool = False) -> dict:
+def _train(cfg: TrainConfig) -> dict[str, Any]:
+    from itrkit.train.trainer import train
+
+    run_dir = Path(cfg.out)
+    if (run_dir / "metrics.json").is_file():
+        return json.loads((run_dir / "metrics.json").read_text())
+    return train(cfg, resume=(run_dir / "config.yaml").is_file())
+
+
+def run_demo(out: Path, quick: bool = False) -> dict[str, Any]:
+    from itrkit.data.records import Dataset
     from itrkit.data.synthetic import make_synthetic
     from itrkit.eval.table import format_table
-    from itrkit.train.trainer import train
+    from itrkit.index.build import build_index
+    from itrkit.models.io import load_model
+    from itrkit.teachers.extract import teach
+    from itrkit.train.data import PairData, embed_split
 
     t0 = time.time()
     out = out.resolve()
-    data = out / "data"
+    data, teachers = out / "data", out / "teachers"
     n = 150 if quick else 600
     if not (data / "dataset.json").is_file():
         print(f"[1/5] rendering {n} synthetic scenes with 5 captions each → {data}")
         make_synthetic(data, n_images=n, captions_per_image=5, seed=0)
     else:
         print(f"[1/5] synthetic data already at {data}")
-    cfg = demo_config(out, data, quick)
-    run_dir = Path(cfg.out)
-    if (run_dir / "metrics.json").is_file():
-        import json
+    ds = Dataset.load(data)
+    print(f"[2/5] teacher features ({IMAGE_TEACHER}, {TEXT_TEACHER}) of the training split → {teachers}")
+    teach(ds.split("train"), IMAGE_TEACHER, TEXT_TEACHER, teachers)
+    print("[3/5] caching frozen EfficientNet-Lite0 / all-MiniLM-L6-v2 features, training InfoNCE and CUSA heads")
+    cfgs = demo_configs(out, data, teachers, quick)
+    metrics = {name: _train(cfg) for name, cfg in cfgs.items()}
 
-        print(f"[2-4/5] run already complete at {run_dir}")
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-    else:
-        print("[2/5] caching frozen EfficientNet-Lite0 and all-MiniLM-L6-v2 features (once per model and data)")
-        print("[3/5] training the InfoNCE baseline heads; the epoch is picked on validation")
-        metrics = train(cfg, resume=(run_dir / "config.yaml").is_file())
-    print("[4/5] held-out test images:")
-    print(format_table({"InfoNCE (val, selected)": metrics["val"], "InfoNCE (test)": metrics["test"]}))
+    print("[4/5] held-out test images (epoch picked on validation):")
+    test = ds.split("test")
+    rows = {f"{name} (test)": m["test"] for name, m in metrics.items()}
+    print(format_table(rows, first="method"))
+    models = {name: load_model(cfg.out) for name, cfg in cfgs.items()}
+    pair = PairData(test, models["InfoNCE"], True, str(out / "cache"))
+    uni = {"frozen towers": unimodal_scores(pair.image_features.numpy(), pair.text_features.numpy(), test)}
+    for name, model in models.items():
+        emb = embed_split(model, PairData(test, model, True, str(out / "cache")))
+        uni[f"{name} (cross head)"] = unimodal_scores(emb["image_embeds"], emb["text_embeds"], test)
+        if "image_uni" in emb:
+            uni[f"{name} (USA head)"] = unimodal_scores(emb["image_uni"], emb["text_uni"], test)
+    print("uni-modal retrieval, R@1 of sharing an object with the nearest other image / other image's caption:")
+    print(format_table(uni, keys=["img2img_R@1", "txt2txt_R@1"], first="features"))
+    gain = metrics["CUSA"]["test"]["rsum"] - metrics["InfoNCE"]["test"]["rsum"]
+    print(f"CUSA − InfoNCE test RSUM: {gain:+.1f} (one seed; see README for the multi-seed Flickr8k study)")
+
     index_dir = out / "index"
-    try:
-        from itrkit.data.records import Dataset
-        from itrkit.index.build import build_index
-        from itrkit.models.io import load_model
-    except ModuleNotFoundError as e:  # the index module is optional only while it is being built
-        print(f"[5/5] search index skipped: {e}")
-    else:
-        print(f"[5/5] building a search index of the test images → {index_dir}")
-        model = load_model(run_dir)
-        build_index(model, Dataset.load(data).split("test"), index_dir, run_dir=run_dir, overwrite=True)
-        print(f"try it:  itrkit serve --index {index_dir}   (then open http://127.0.0.1:8000)")
-        print(f"         itrkit search --index {index_dir} --text \"a red circle\" -k 5")
-    print(f"done in {time.time() - t0:.0f} s; the run lives in {run_dir}")
-    return metrics
+    print(f"[5/5] building a search index of the test images with the CUSA model → {index_dir}")
+    build_index(models["CUSA"], test, index_dir, run_dir=Path(cfgs["CUSA"].out), overwrite=True)
+    print(f"try it:  itrkit serve --index {index_dir}   (then open http://127.0.0.1:8000)")
+    print(f"         itrkit search --index {index_dir} --text \"a red circle\" -k 5")
+    summary = {"retrieval": rows, "unimodal": uni, "cusa_minus_infonce_rsum": gain,
+               "runs": {name: str(cfg.out) for name, cfg in cfgs.items()}, "index": str(index_dir),
+               "seconds": round(time.time() - t0, 1)}
+    from itrkit.utils.io import atomic_write_json
+
+    atomic_write_json(out / "summary.json", summary)
+    print(f"done in {summary['seconds']:.0f} s; runs in {out / 'runs'}, summary in {out / 'summary.json'}")
+    return summary

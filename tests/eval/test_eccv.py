@@ -18,6 +18,7 @@ from itrkit.eval.eccv import (
     load_positives,
 )
 from itrkit.eval.retrieval import evaluate_retrieval, l2_normalize
+from tests.eval._vectors import exact_unit_vectors
 
 pytest.importorskip("eccv_caption")
 with warnings.catch_warnings():
@@ -90,12 +91,6 @@ def test_strict_refuses_a_partial_5k(coco5k_random: dict) -> None:
         evaluate_eccv(d["img"][keep], d["txt"][caps], d["img_ids"][keep], d["cap_ids"][caps])
 
 
-def _exact_unit_vectors(rng: np.random.Generator, k: int, d: int = 8) -> np.ndarray:
-    out = np.zeros((k, d), np.float32)
-    for r in range(k):
-        idx = rng.choice(d, 4, replace=False)
-        out[r, idx] = rng.choice([-0.5, 0.5], 4)
-    return out
 
 
 def test_subset_with_ties_matches_package_formulas() -> None:
@@ -106,7 +101,7 @@ def test_subset_with_ties_matches_package_formulas() -> None:
     caps = sorted({c for i in q_img for c in eccv_i2t[i]} & set(coco5k_caption_ids().tolist()))
     _, cap2img = load_positives("original")
     imgs = sorted(set(q_img) | {cap2img[c][0] for c in caps} | {i for c in caps if c in eccv_t2i for i in eccv_t2i[c]})
-    img, txt = _exact_unit_vectors(rng, len(imgs)), _exact_unit_vectors(rng, len(caps))
+    img, txt = exact_unit_vectors(rng, len(imgs)), exact_unit_vectors(rng, len(caps))
     ours = evaluate_eccv(img, txt, imgs, caps, chunk_size=7, strict=False)
     S = img.astype(np.float64) @ txt.astype(np.float64).T  # exact
     cap_arr, img_arr = np.array(caps), np.array(imgs)

@@ -16,15 +16,7 @@ from itrkit.eval.retrieval import (
     ranks,
     topk,
 )
-
-
-def _exact_unit_vectors(rng: np.random.Generator, k: int, d: int = 8) -> np.ndarray:
-    # four entries of ±0.5: unit norm exactly, dot products exact multiples of 0.25 → many true ties
-    out = np.zeros((k, d), np.float32)
-    for r in range(k):
-        idx = rng.choice(d, 4, replace=False)
-        out[r, idx] = rng.choice([-0.5, 0.5], 4)
-    return out
+from tests.eval._vectors import exact_unit_vectors
 
 
 def _reference_ranks(S: np.ndarray, t2i: np.ndarray) -> tuple[list[int], list[int]]:
@@ -70,7 +62,7 @@ def test_matches_reference_loop_with_ties(seed: int) -> None:
     n = int(rng.integers(6, 18))
     t2i = np.repeat(np.arange(n), rng.integers(1, 8, size=n))  # 1..7 captions per image
     rng.shuffle(t2i)  # captions of an image need not be adjacent
-    img, txt = _exact_unit_vectors(rng, n), _exact_unit_vectors(rng, len(t2i))
+    img, txt = exact_unit_vectors(rng, n), exact_unit_vectors(rng, len(t2i))
     img[1] = img[0]  # identical images: ties settled by index in both directions
     S = img.astype(np.float64) @ txt.astype(np.float64).T  # exact: entries are multiples of 0.25
     ref = _reference_metrics(*_reference_ranks(S, t2i))
@@ -138,7 +130,7 @@ def test_known_case_and_tensor_inputs() -> None:
 def test_rerank_sees_query_rows_and_changes_scores() -> None:
     rng = np.random.default_rng(4)
     t2i = np.repeat(np.arange(12), 2)
-    img, txt = _exact_unit_vectors(rng, 12), _exact_unit_vectors(rng, 24)
+    img, txt = exact_unit_vectors(rng, 12), exact_unit_vectors(rng, 24)
     seen = []
 
     def negate(scores: torch.Tensor, rows: torch.Tensor, direction: str) -> torch.Tensor:
@@ -174,7 +166,7 @@ def _reference_topk(S: np.ndarray, k: int) -> np.ndarray:
 @pytest.mark.parametrize("chunk", [1, 4, 100])
 def test_topk_equals_sorted_reference_with_ties(chunk: int) -> None:
     rng = np.random.default_rng(5)
-    q, g = _exact_unit_vectors(rng, 9), _exact_unit_vectors(rng, 40)  # scores in {−1, …, 1}: ties everywhere
+    q, g = exact_unit_vectors(rng, 9), exact_unit_vectors(rng, 40)  # scores in {−1, …, 1}: ties everywhere
     S = q.astype(np.float64) @ g.astype(np.float64).T
     for k in (1, 3, 10, 40, 99):
         scores, idx = topk(q, g, k, chunk_size=chunk)

@@ -19,14 +19,7 @@ from itrkit.eval.unimodal import (
     recall_at_k_loo,
     recall_at_k_query_gallery,
 )
-
-
-def _exact_unit_vectors(rng: np.random.Generator, k: int, d: int = 8) -> np.ndarray:
-    out = np.zeros((k, d), np.float32)
-    for r in range(k):
-        idx = rng.choice(d, 4, replace=False)
-        out[r, idx] = rng.choice([-0.5, 0.5], 4)
-    return out
+from tests.eval._vectors import exact_unit_vectors
 
 
 def _ranked(S_row: np.ndarray, exclude: int | None = None) -> list[int]:
@@ -40,7 +33,7 @@ def _share(a, b) -> bool:
 @pytest.mark.parametrize("seed", range(4))
 def test_loo_matches_loop(seed: int) -> None:
     rng = np.random.default_rng(seed)
-    emb = _exact_unit_vectors(rng, 30)  # exact scores, many ties
+    emb = exact_unit_vectors(rng, 30)  # exact scores, many ties
     emb[4] = emb[3]  # a duplicate: its twin ties with the query itself
     labels = rng.integers(0, 5, size=30).tolist()
     S = emb.astype(np.float64) @ emb.astype(np.float64).T
@@ -52,7 +45,7 @@ def test_loo_matches_loop(seed: int) -> None:
 
 def test_query_gallery_and_multilabel_match_loops() -> None:
     rng = np.random.default_rng(7)
-    q, g = _exact_unit_vectors(rng, 12), _exact_unit_vectors(rng, 25)
+    q, g = exact_unit_vectors(rng, 12), exact_unit_vectors(rng, 25)
     ql, gl = [f"item{x}" for x in rng.integers(0, 4, 12)], [f"item{x}" for x in rng.integers(0, 4, 25)]
     S = q.astype(np.float64) @ g.astype(np.float64).T
     got = recall_at_k_query_gallery(q, ql, g, gl, ks=(1, 5))

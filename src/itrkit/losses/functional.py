@@ -161,14 +161,19 @@ def _tau(tau: float | Tensor, dtype: torch.dtype) -> float | Tensor:
     return tau.to(dtype) if isinstance(tau, Tensor) else tau
 
 
-def csa_from_probs(img: Tensor, txt: Tensor, p_img: Tensor, p_txt: Tensor, tau: float | Tensor) -> Tensor:
-    """CSA (CUSA Eq. 6) given teacher soft labels: ``½[KL(p_I‖softmax(S/τ)) + KL(p_T‖softmax(Sᵀ/τ))]``."""
-    _check_2d("img", img)
-    _check_2d("txt", txt, img.shape[0])
-    b = img.shape[0]
+def _check_pair_and_probs(a_name: str, a: Tensor, b_name: str, b_: Tensor, p_img: Tensor, p_txt: Tensor) -> None:
+    """Two (B, d) feature matrices and two (B, B) teacher soft-label matrices."""
+    _check_2d(a_name, a)
+    _check_2d(b_name, b_, a.shape[0])
+    b = a.shape[0]
     if p_img.shape != (b, b) or p_txt.shape != (b, b):
         raise ItrkitError(f"teacher soft labels must be {b}x{b} to match the batch, got "
                           f"{tuple(p_img.shape)} and {tuple(p_txt.shape)}")
+
+
+def csa_from_probs(img: Tensor, txt: Tensor, p_img: Tensor, p_txt: Tensor, tau: float | Tensor) -> Tensor:
+    """CSA (CUSA Eq. 6) given teacher soft labels: ``½[KL(p_I‖softmax(S/τ)) + KL(p_T‖softmax(Sᵀ/τ))]``."""
+    _check_pair_and_probs("img", img, "txt", txt, p_img, p_txt)
     dt = _compute_dtype(img, txt)
     s = _cos(img, txt, dt) / _tau(tau, dt)
     return 0.5 * (_kl_rows(p_img.to(dt), s) + _kl_rows(p_txt.to(dt), s.T))
@@ -180,12 +185,7 @@ def usa_from_probs(
 ) -> Tensor:
     """USA (CUSA Eqs. 7–8) given teacher soft labels:
     ``½[KL(p_I‖softmax(cos(u_I,u_I)/τ_I)) + KL(p_T‖softmax(cos(u_T,u_T)/τ_T))]``."""
-    _check_2d("img_uni", img_uni)
-    _check_2d("txt_uni", txt_uni, img_uni.shape[0])
-    b = img_uni.shape[0]
-    if p_img.shape != (b, b) or p_txt.shape != (b, b):
-        raise ItrkitError(f"teacher soft labels must be {b}x{b} to match the batch, got "
-                          f"{tuple(p_img.shape)} and {tuple(p_txt.shape)}")
+    _check_pair_and_probs("img_uni", img_uni, "txt_uni", txt_uni, p_img, p_txt)
     dt = _compute_dtype(img_uni, txt_uni)
     s_i = _cos(img_uni, img_uni, dt) / _tau(tau_img, dt)
     s_t = _cos(txt_uni, txt_uni, dt) / _tau(tau_txt, dt)

@@ -63,19 +63,33 @@ def compute_features(tower: Tower, items: list[Any], batch_size: int = 64, desc:
     return out
 
 
+# (resolved path, size, mtime) -> content digest, so that the many runs of one process hash each file once.
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def _file_digest(p: Path) -> str:
+    try:
+        st = p.stat()
+        memo = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+        if memo not in _DIGESTS:
+            with open(p, "rb") as f:
+                _DIGESTS[memo] = hashlib.file_digest(f, "blake2b").hexdigest()[:32]
+    except OSError:
+        raise DataError(f"image not found: {p}") from None
+    return _DIGESTS[memo]
+
+
 def _item_signature(item: Any, kind: str) -> Any:
-    """What identifies an item's content: file path + size + mtime, pixel digest, or the text."""
+    """What identifies an item's content: the file's bytes (a digest), the pixels, or the text.
+
+    Not the file's mtime: copies and re-provisioned data sets (same bytes, new mtimes) keep their
+    cache entries, while any change of content gives a new key."""
     if kind == "text":
         if not isinstance(item, str):
             raise DataError(f"text item {item!r} is not a string")
         return item
     if isinstance(item, str | Path):
-        p = Path(item)
-        try:
-            st = p.stat()
-        except OSError:
-            raise DataError(f"image not found: {p}") from None
-        return [str(p.resolve()), st.st_size, st.st_mtime_ns]
+        return _file_digest(Path(item))
     if hasattr(item, "tobytes"):  # PIL image or numpy array: digest of the pixels
         shape = list(getattr(item, "size", ())) + list(getattr(item, "shape", ()))
         return [type(item).__name__, shape, getattr(item, "mode", ""),

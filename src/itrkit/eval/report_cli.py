@@ -1,0 +1,62 @@
+"""``itrkit report RUN_DIR... --out DIR``: compare trained runs in a Markdown table, t-SNE figures
+and top-5 retrieval pages (see :mod:`itrkit.eval.report`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from itrkit.errors import ConfigError
+
+
+def _names(runs: list[Path], given: str | None) -> list[str]:
+    if given:
+        names = [n.strip() for n in given.split(",")]
+        if len(names) != len(runs):
+            raise ConfigError(f"--names has {len(names)} names for {len(runs)} runs")
+        return names
+    names = [r.name for r in runs]
+    if len(set(names)) < len(names):  # runs/a/seed0 and runs/b/seed0: keep the parent too
+        names = [f"{r.parent.name}/{r.name}" for r in runs]
+    return names
+
+
+def report_runs(runs: list[str | Path], out: str | Path, data: str | None = None, split: str = "test",
+                names: str | None = None, max_images: int = 0, cache_dir: str | None = None,
+                embed_images: bool = False) -> dict[str, Path]:
+    """Embed ``split`` with each run's selected model and write the report files into ``out``."""
+    from itrkit.data.records import Dataset
+    from itrkit.eval.report import ReportRun, write_report
+    from itrkit.eval.run import embed_dataset, run_dataset_path
+    from itrkit.models.io import load_model
+
+    paths = [Path(r) for r in runs]
+    items = []
+    for path, name in zip(paths, _names(paths, names)):
+        model = load_model(path)
+        ds = Dataset.load(data or run_dataset_path(path)).split(split).subset(max_images or None)
+        emb = embed_dataset(model, ds, cache_dir)
+        items.append(ReportRun(name, {}, emb["image_embeds"], emb["text_embeds"], ds))
+    return write_report(items, out, embed_images=embed_images)
+
+
+def _cmd(a: argparse.Namespace) -> int:
+    files = report_runs(a.runs, a.out, a.data, a.split, a.names, a.max_images, a.cache, a.embed_images)
+    print((Path(a.out) / "report.md").read_text(encoding="utf-8").split("\n## ")[0])
+    for key, path in files.items():
+        print(f"{key}: {path}")
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    r = sub.add_parser("report", help="compare runs: Markdown table, t-SNE plots, top-5 retrieval pages")
+    r.add_argument("runs", nargs="+", help="run folders (each holds model/ and config.yaml)")
+    r.add_argument("--out", required=True, help="report folder")
+    r.add_argument("--data", default=None, help="dataset folder (default: each run's own)")
+    r.add_argument("--split", default="test")
+    r.add_argument("--names", default=None, help="comma-separated display names, one per run")
+    r.add_argument("--max-images", type=int, default=0, help="only the first N images of the split")
+    r.add_argument("--cache", default=None, help="tower-feature cache folder")
+    r.add_argument("--embed-images", action="store_true", help="embed thumbnails so the page is self-contained")
+    r.set_defaults(func=_cmd)
