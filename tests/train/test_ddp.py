@@ -28,7 +28,8 @@ def _train(args: list[str], out: Path, data: Path, extra: list[str], nproc: int)
     else:
         cmd = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "-m", "itrkit", "train", *base]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]  # a rank's own message
+    assert proc.returncode == 0, "\n".join(errors) or proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("name, extra", [

@@ -120,11 +120,21 @@ class Trainer:
             dataset = Dataset.load(cfg.data.path)
         self.dataset = dataset
         cfg_path = self.run_dir / "config.yaml"
+        problem = ""
         if self.resume:
             if not cfg_path.is_file():
-                raise ItrkitError(f"--resume: no run to resume at {self.run_dir} (config.yaml missing)")
+                problem = f"--resume: no run to resume at {self.run_dir} (config.yaml missing)"
         elif cfg_path.exists() or (self.run_dir / "checkpoints").exists():
-            raise ItrkitError(f"{self.run_dir} already holds a run (use --resume to continue it, or another --out)")
+            problem = f"{self.run_dir} already holds a run (use --resume to continue it, or another --out)"
+        if self.world > 1:
+            # Every rank must look before rank 0 writes config.yaml, or a late rank sees the new run
+            # as an old one; the all-reduce is that barrier and makes all ranks agree.
+            flag = torch.tensor([1 if problem else 0])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and not problem:
+                problem = f"{self.run_dir}: refused on another rank"
+        if problem:
+            raise ItrkitError(problem)
 
     # --- setup -------------------------------------------------------------------------------
     def _prepare_run_dir(self) -> None:
