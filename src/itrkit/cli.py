@@ -71,7 +71,8 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     from itrkit.utils.io import atomic_write_json
 
     metrics = evaluate_run(a.run, data=a.data, split=a.split, protocol=a.protocol, eccv=a.eccv,
-                           sts_root=a.sts, cache_dir=a.cache, max_images=a.max_images)
+                           sts_root=a.sts, cache_dir=a.cache, max_images=a.max_images,
+                           unimodal=a.unimodal)
     print(format_table({f"{Path(a.run).name} ({a.split}, {a.protocol})": metrics}))
     out = Path(a.json) if a.json else Path(a.run) / f"eval_{a.split}_{a.protocol}.json"
     atomic_write_json(out, metrics)
@@ -138,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sts", default=None, help="STS data folder: also text-side STS Spearman")
     e.add_argument("--cache", default=None)
     e.add_argument("--max-images", type=int, default=0, help="only the first N images of the split")
+    e.add_argument("--unimodal", default=None, metavar="FORMAT:PATH",
+                   help="also uni-modal image retrieval: coco:instances.json (objects of the split's images), "
+                        "cub:ROOT, sop:ROOT, inshop:ROOT or inat:LIST")
     e.add_argument("--json", default=None, help="where to write the metrics JSON")
     e.set_defaults(func=_cmd_eval)
 

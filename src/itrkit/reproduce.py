@@ -6,8 +6,8 @@ Frozen EfficientNet-Lite0 + all-MiniLM-L6-v2 features are cached once and shared
 teachers (EfficientNet-Lite2 + all-mpnet-base-v2 by default) are extracted once into stores.
 
 Fairness rules built in:
-- every method gets the same number of dev runs (``len(grid)``), the baseline's temperature and
-  learning rate included;
+- every tuned method gets the same number of dev runs (``len(grid)``), the baseline's temperature
+  and learning rate included; ablations (``csa``, ``usa``) and the control take CUSA's choice;
 - seeds are paired: run ``s`` of every method starts from the same head initialisation and sees
   the same batch order;
 - a control (``cusa-shuffled``) keeps CUSA's chosen settings but permutes the teacher rows among
@@ -47,13 +47,10 @@ class Method:
     overrides: list[str]
     grid: list[list[str]] = field(default_factory=list)  # dev-tuned alternatives (same count for all)
     inherits: str = ""  # take the chosen base settings of this method first
-    copy_choice_of: str = ""  # a control: reuse another method's chosen grid point, no tuning
+    copy_choice_of: str = ""  # a control or ablation: reuse another method's chosen grid point, no tuning
+    after: list[str] = field(default_factory=list)  # applied after the chosen grid point (ablations)
     teachers: bool = False
     description: str = ""
-
-
-def _teacher_grid(prefix: str, pairs: list[tuple[float, float]]) -> list[list[str]]:
-    return [[f"loss.{prefix}={w}", f"loss.tau_teacher={t}"] for w, t in pairs]
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
@@ -61,10 +58,11 @@ METHODS: dict[str, Method] = {m.name: m for m in [
         ["loss.tau=0.05", "loss.tau_learnable=true"], ["loss.tau=0.05", "loss.tau_learnable=false"],
         ["loss.tau=0.1", "loss.tau_learnable=false"], ["loss.tau=0.1", "loss.tau_learnable=false", "stages.0.lr=0.0003"],
     ], description="InfoNCE, temperature and lr tuned on dev"),
-    Method("csa", ["loss.contrastive=1"], _teacher_grid("csa", [(1, 0.1), (3, 0.1), (1, 0.05), (3, 0.05)]),
-           inherits="infonce", teachers=True, description="InfoNCE + α·CSA"),
-    Method("usa", ["loss.contrastive=1"], _teacher_grid("usa", [(1, 0.1), (3, 0.1), (1, 0.05), (3, 0.05)]),
-           inherits="infonce", teachers=True, description="InfoNCE + β·USA"),
+    # Ablations: CUSA's chosen setting with one term switched off (the paper's Table 5 rows).
+    Method("csa", ["loss.contrastive=1"], copy_choice_of="cusa", after=["loss.usa=0"], inherits="infonce",
+           teachers=True, description="ablation: CUSA's setting, USA off (InfoNCE + α·CSA)"),
+    Method("usa", ["loss.contrastive=1"], copy_choice_of="cusa", after=["loss.csa=0"], inherits="infonce",
+           teachers=True, description="ablation: CUSA's setting, CSA off (InfoNCE + β·USA)"),
     Method("cusa", ["loss.contrastive=1"], [
         ["loss.csa=1", "loss.usa=1", "loss.tau_teacher=0.1"], ["loss.csa=3", "loss.usa=3", "loss.tau_teacher=0.1"],
         ["loss.csa=1", "loss.usa=3", "loss.tau_teacher=0.05"], ["loss.csa=3", "loss.usa=1", "loss.tau_teacher=0.05"],
@@ -149,7 +147,7 @@ class Reproduction:
             ov += self._teachers()
         if method.inherits:
             ov += self.choices.get(method.inherits, [])
-        ov += method.overrides + extra
+        ov += method.overrides + extra + method.after
         return load_config(TrainConfig, None, overrides=ov)
 
     def _run(self, cfg: TrainConfig) -> dict[str, Any]:
@@ -190,7 +188,7 @@ class Reproduction:
                 runs.append({"seed": s, **m["test"], "val_rsum": m["val"]["rsum"], "best_epoch": m["best"]["epoch"]})
                 print(f"  {name} seed {s}: test rsum {m['test']['rsum']:.2f}", file=sys.stderr)
             rs = np.array([r["rsum"] for r in runs])
-            chosen = (self.choices.get(method.inherits, []) if method.inherits else []) + self.choices[name]
+            chosen = (self.choices.get(method.inherits, []) if method.inherits else []) + self.choices[name] + method.after
             results[name] = {"rsum_mean": float(rs.mean()), "rsum_std": float(rs.std(ddof=1)) if len(rs) > 1 else 0.0,
                              "chosen": chosen, "runs": runs}
             self.timings[name] = round(time.time() - t0, 1)
