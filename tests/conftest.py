@@ -29,3 +29,23 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     # but never the user's ~/.cache/itrkit.
     cache = tmp_path_factory.getbasetemp() / "itrkit-cache"
     monkeypatch.setenv("ITRKIT_CACHE", str(cache))
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from itrkit.data.synthetic import make_synthetic
+
+    out = tmp_path_factory.mktemp("synth")
+    make_synthetic(out, n_images=60, captions_per_image=3, seed=1, size=64)
+    return out
+
+
+@pytest.fixture(scope="session")
+def teacher_stores(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Teacher stores for the synthetic set, written by tiny random towers (a real teacher run)."""
+    from itrkit.data.records import Dataset
+    from itrkit.teachers.extract import teach
+
+    out = tmp_path_factory.mktemp("teachers")
+    paths = teach(Dataset.load(synth_dir), "tiny-image", "tiny-text", out)
+    return [f"teacher.image_store={paths['image']}", f"teacher.text_store={paths['text']}"]
