@@ -141,25 +141,25 @@ def ranks(img_emb: Any, txt_emb: Any, txt2img: Any, chunk_size: int = 1024,
 def _ranks_two_pass(img: torch.Tensor, txt: torch.Tensor, t2i: torch.Tensor, chunk_size: int,
                     rerank: Rerank | None) -> tuple[np.ndarray, np.ndarray]:
     """Each direction from its own row blocks (needed when ``rerank`` sees whole query rows)."""
-    n, m = len(img), len(txt)
-    caps = _caption_table(t2i, n)
-    i2t = torch.empty(n, dtype=torch.long)
+    caps = _caption_table(t2i, len(img))
+    i2t = _one_direction(img, txt, chunk_size, rerank, "i2t", lambda sc, rows: _best_own(sc, caps[rows]))
+    t2i_r = _one_direction(txt, img, chunk_size, rerank, "t2i", lambda sc, rows: t2i[rows])
+    return i2t.numpy(), t2i_r.numpy()
+
+
+def _one_direction(queries: torch.Tensor, gallery: torch.Tensor, chunk_size: int, rerank: Rerank | None,
+                   direction: str, target: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Rank of each query's target (``target(scores, rows)``) among the gallery, in row blocks."""
+    n, m = len(queries), len(gallery)
+    out = torch.empty(n, dtype=torch.long)
     block, buf = _buffer(min(chunk_size, n), m), _buffer(min(chunk_size, n), m)
     for s in range(0, n, chunk_size):
         rows = torch.arange(s, min(s + chunk_size, n))
-        sc = torch.matmul(img[rows[0]:rows[-1] + 1], txt.T, out=block[:len(rows)])
+        sc = torch.matmul(queries[rows[0]:rows[-1] + 1], gallery.T, out=block[:len(rows)])
         if rerank is not None:
-            sc = _apply(rerank, sc, rows, "i2t")
-        i2t[rows] = _row_ranks(sc, _best_own(sc, caps[rows]), buf[:len(rows)])
-    t2i_r = torch.empty(m, dtype=torch.long)
-    block, buf = _buffer(min(chunk_size, m), n), _buffer(min(chunk_size, m), n)
-    for s in range(0, m, chunk_size):
-        rows = torch.arange(s, min(s + chunk_size, m))
-        sc = torch.matmul(txt[rows[0]:rows[-1] + 1], img.T, out=block[:len(rows)])
-        if rerank is not None:
-            sc = _apply(rerank, sc, rows, "t2i")
-        t2i_r[rows] = _row_ranks(sc, t2i[rows], buf[:len(rows)])
-    return i2t.numpy(), t2i_r.numpy()
+            sc = _apply(rerank, sc, rows, direction)
+        out[rows] = _row_ranks(sc, target(sc, rows), buf[:len(rows)])
+    return out
 
 
 def _apply(rerank: Rerank, sc: torch.Tensor, rows: torch.Tensor, direction: str) -> torch.Tensor:

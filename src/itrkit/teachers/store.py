@@ -304,6 +304,16 @@ class _IdIndex:
         return [bytes(b).decode("utf-8") for b in self.by_row]
 
 
+
+def _read_json(path: Path, missing: str, damaged: str) -> Any:
+    """A store's JSON part, or a one-line StoreError saying which part is missing or damaged."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StoreError(f"{path} {missing}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise StoreError(f"{path}: {damaged} ({e.__class__.__name__})") from None
+
 class FeatureStore:
     """A read-only teacher store. Reads are O(batch); the rows are never loaded whole.
 
@@ -365,12 +375,7 @@ class FeatureStore:
     @staticmethod
     def _read_header(path: Path) -> dict[str, Any]:
         hp = path / HEADER
-        try:
-            header = json.loads(hp.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise StoreError(f"{hp} is missing (not a feature store)") from None
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
-            raise StoreError(f"{hp}: damaged header ({e.__class__.__name__})") from None
+        header = _read_json(hp, "is missing (not a feature store)", "damaged header")
         if not isinstance(header, dict) or header.get("format") != FORMAT:
             fmt = header.get("format") if isinstance(header, dict) else None
             raise StoreError(f"{hp}: unknown store format {fmt!r} (expected {FORMAT})")
@@ -390,12 +395,7 @@ class FeatureStore:
     @staticmethod
     def _read_ids(path: Path, header: dict[str, Any]) -> list[str]:
         ip = path / IDS
-        try:
-            ids = json.loads(ip.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise StoreError(f"{ip} is missing") from None
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
-            raise StoreError(f"{ip}: damaged id list ({e.__class__.__name__})") from None
+        ids = _read_json(ip, "is missing", "damaged id list")
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             raise StoreError(f"{ip}: expected a JSON list of string ids")
         if len(ids) != header["count"]:
