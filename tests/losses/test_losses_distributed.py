@@ -91,6 +91,7 @@ def _worker(r: int, init_file: str, out_dir: str) -> None:
         (ng,) = gather_features(part, gather_with_grad=False)
         res["nograd_grad"] = torch.autograd.grad(ng.sum(), part)[0]
         save_file({k: v.contiguous() for k, v in res.items()}, str(Path(out_dir) / f"rank{r}.safetensors"))
+        dist.barrier()  # no rank tears gloo down while the other is still in a collective (SIGABRT)
     finally:
         dist.destroy_process_group()
 
