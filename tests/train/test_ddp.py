@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ def _train(args: list[str], out: Path, data: Path, extra: list[str], nproc: int)
     base = [f"--data={data}", f"--out={out}", "--quiet",
             "--set", "model.image_tower=tiny-image", "--set", "model.text_tower=tiny-text",
             "--set", "model.embed_dim=32", "--set", "batch_size=16", "--set", "stages.0.epochs=2",
-            "--set", "stages.0.lr=0.01", "--set", "threads=1"]
+            "--set", "stages.0.lr=0.01", "--set", "threads=1", "--set", "log_every=1"]
     for e in extra:
         base += ["--set", e]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -48,6 +49,20 @@ def test_two_ranks_equal_one_process(tmp_path: Path, synth_dir: Path, teacher_st
     a = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
     b = load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
     assert a.keys() == b.keys()
+    # Same maths, different summation order. The per-step losses agree to float32 rounding; the
+    # weights to atol 1e-4 = 1 % of one step at lr 0.01: Adam divides each gradient entry by its own
+    # running RMS, so a rounding difference in an entry whose gradient is near zero moves that
+    # weight by up to lr (measured: largest difference 2e-5, text trunk, CUSA).
+    assert _losses(tmp_path / "one") == pytest.approx(_losses(tmp_path / "two"), rel=1e-5)
     for k in a:
-        # same maths, different summation order: equal to float32 rounding
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{name}: {k}")
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-4, msg=f"{name}: {k}")
+    if name == "cusa":
+        # The check can fail: per-rank soft labels (the authors' default) are another objective.
+        _train([], tmp_path / "local", synth_dir, extra + ["loss.gather=local"], 2)
+        c = load_file(str(tmp_path / "local" / "model" / "model.safetensors"))
+        assert max(float((a[k] - c[k]).abs().max()) for k in a) > 1e-2
+
+
+def _losses(run: Path) -> list[float]:
+    lines = [json.loads(x) for x in (run / "train.log").read_text().splitlines()]
+    return [r["loss"] for r in lines if "loss" in r]
