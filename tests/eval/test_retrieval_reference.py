@@ -13,6 +13,7 @@ from itrkit.eval.retrieval import (
     RetrievalEvaluator,
     evaluate_retrieval,
     l2_normalize,
+    metrics_from_scores,
     ranks,
     topk,
 )
@@ -72,6 +73,10 @@ def test_matches_reference_loop_with_ties(seed: int) -> None:
             assert list(got) == list(retrieval.METRIC_KEYS)
             for k in ref:
                 assert got[k] == pytest.approx(ref[k], abs=1e-9), (chunk, rerank, k)
+    from_scores = metrics_from_scores(torch.from_numpy(S), t2i)  # a fusion matcher's path
+    assert list(from_scores) == list(retrieval.METRIC_KEYS)
+    for k in ref:
+        assert from_scores[k] == pytest.approx(ref[k], abs=1e-9), k
 
 
 def test_single_pass_settles_band_entries_on_float_scores() -> None:
@@ -193,3 +198,14 @@ def test_evaluator_is_sentence_transformers_style() -> None:
     img = rng.normal(size=(5, 4))
     out = ev(img, img, np.arange(5))
     assert out[ev.primary_metric] == 600.0
+
+
+@pytest.mark.parametrize("scores, t2i, match", [
+    (np.zeros((0, 3)), [0, 0, 0], "non-empty"),
+    (np.full((2, 3), np.nan), [0, 1, 1], "non-finite"),
+    (np.zeros((2, 3)), [0, 0, 0], "at least one caption"),
+    (np.zeros((2, 3)), [0, 1], "txt2img"),
+])
+def test_metrics_from_scores_bad_input(scores: np.ndarray, t2i: list[int], match: str) -> None:
+    with pytest.raises(DataError, match=match):
+        metrics_from_scores(scores, t2i)

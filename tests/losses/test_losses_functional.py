@@ -239,6 +239,17 @@ def test_csa_matches_loop(mode: str, center: bool) -> None:
     _assert_same(fast, ref, [img, txt, tau, t_img, t_txt])
 
 
+def test_csa_from_scores_equals_csa_on_cosines() -> None:
+    img, txt = _rand(B, D, seed=13), _rand(B, D, seed=14)
+    t_img, t_txt = _rand(B, DT_I, seed=15), _rand(B, DT_T, seed=16)
+    p_i, p_t = LF.teacher_probs(t_img, t_txt, 0.5)
+    cos = torch.nn.functional.normalize(img, dim=1) @ torch.nn.functional.normalize(txt, dim=1).T
+    _assert_same(LF.csa_from_scores(cos, p_i, p_t, 0.2), r_csa(img, txt, t_img, t_txt, 0.2, 0.5, "each", False),
+                 [img, txt])
+    with pytest.raises(ItrkitError, match="square"):
+        LF.csa_from_scores(cos[:, :3], p_i, p_t, 0.2)
+
+
 @pytest.mark.parametrize("center", [False, True])
 def test_usa_matches_loop(center: bool) -> None:
     ui, ut = _rand(B, D, seed=17), _rand(B, D + 2, seed=18)

@@ -103,13 +103,29 @@ def triplet(img: Tensor, txt: Tensor, img_ids: Tensor | Sequence[Any], margin: f
     _check_2d("img", img)
     _check_2d("txt", txt, img.shape[0])
     dt = _compute_dtype(img, txt)
-    ids = _as_ids(img_ids, img.shape[0], img.device)
-    s = _cos(img, txt, dt)
+    return triplet_from_scores(_cos(img, txt, dt), img_ids, margin)
+
+
+def triplet_from_scores(scores: Tensor, img_ids: Tensor | Sequence[Any], margin: float = 0.2,
+                        hardest: bool = True) -> Tensor:
+    """The VSE++ hardest-negative hinge of :func:`triplet` on any B×B matrix ``s[i, j]`` = score of
+    row i's image with row j's caption (e.g. a fusion matcher's scores, which are not cosines).
+
+    ``hardest=False`` sums the hinge over all negatives instead of taking the max (VSE0, Kiros et
+    al.): the usual warm-up before hardest negatives, which stall while all scores are nearly equal.
+    """
+    b = scores.shape[0] if scores.ndim == 2 else -1
+    if scores.ndim != 2 or scores.shape[1] != b:
+        raise ItrkitError(f"scores must be a square B×B matrix, got shape {tuple(scores.shape)}")
+    ids = _as_ids(img_ids, b, scores.device)
+    s = scores if scores.dtype == torch.float64 else scores.float()
     pos = s.diagonal()
     neg = ids[:, None] != ids[None, :]
     # Hinge values are ≥ 0, so masking non-negatives with 0 leaves the max unchanged (or 0 if none).
     cost_i2t = (margin - pos[:, None] + s).clamp(min=0).masked_fill(~neg, 0.0)
     cost_t2i = (margin - pos[:, None] + s.T).clamp(min=0).masked_fill(~neg, 0.0)
+    if not hardest:
+        return (cost_i2t.sum(dim=1) + cost_t2i.sum(dim=1)).mean()
     return (cost_i2t.max(dim=1).values + cost_t2i.max(dim=1).values).mean()
 
 
@@ -175,7 +191,20 @@ def csa_from_probs(img: Tensor, txt: Tensor, p_img: Tensor, p_txt: Tensor, tau: 
     """CSA (CUSA Eq. 6) given teacher soft labels: ``½[KL(p_I‖softmax(S/τ)) + KL(p_T‖softmax(Sᵀ/τ))]``."""
     _check_pair_and_probs("img", img, "txt", txt, p_img, p_txt)
     dt = _compute_dtype(img, txt)
-    s = _cos(img, txt, dt) / _tau(tau, dt)
+    return csa_from_scores(_cos(img, txt, dt), p_img, p_txt, tau)
+
+
+def csa_from_scores(scores: Tensor, p_img: Tensor, p_txt: Tensor, tau: float | Tensor) -> Tensor:
+    """CSA on any B×B image-text similarity matrix (e.g. a fusion matcher's scores, whose pairs
+    are not dot products): ``½[KL(p_I‖softmax(S/τ)) + KL(p_T‖softmax(Sᵀ/τ))]``."""
+    b = scores.shape[0] if scores.ndim == 2 else -1
+    if scores.ndim != 2 or scores.shape[1] != b:
+        raise ItrkitError(f"scores must be a square B×B matrix, got shape {tuple(scores.shape)}")
+    if p_img.shape != (b, b) or p_txt.shape != (b, b):
+        raise ItrkitError(f"teacher soft labels must be {b}x{b} to match the batch, got "
+                          f"{tuple(p_img.shape)} and {tuple(p_txt.shape)}")
+    dt = scores.dtype if scores.dtype == torch.float64 else torch.float32
+    s = scores.to(dt) / _tau(tau, dt)
     return 0.5 * (_kl_rows(p_img.to(dt), s) + _kl_rows(p_txt.to(dt), s.T))
 
 

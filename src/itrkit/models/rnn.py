@@ -84,9 +84,13 @@ class RNNTextTower(Tower):
             out[i, :len(x)] = torch.tensor(x, dtype=torch.long)
         return {"input_ids": out, "lengths": torch.tensor([len(x) for x in ids], dtype=torch.long)}
 
-    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        ids = inputs["input_ids"].to(self.device)
-        lengths = inputs["lengths"].cpu()
+    def token_features(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Per-word features ``(B, L, output_dim)``; padded positions are exactly zero.
+
+        What word-level matchers (SGRAF, the ITM re-ranker) consume instead of the pooled vector.
+        """
+        ids = input_ids.to(self.device)
+        lengths = lengths.cpu()
         total = ids.shape[1]
         x = self.embedding(ids)
         for rnn in self.rnns:
@@ -94,7 +98,12 @@ class RNNTextTower(Tower):
             x, _ = pad_packed_sequence(rnn(packed)[0], batch_first=True, total_length=total)
         if self.combine == "mean":
             x = (x[..., :self.hidden] + x[..., self.hidden:]) / 2
-        mask = (torch.arange(total, device=x.device)[None, :] < lengths.to(x.device)[:, None]).to(x.dtype)
+        return x
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        lengths = inputs["lengths"]
+        x = self.token_features(inputs["input_ids"], lengths)
+        mask = (torch.arange(x.shape[1], device=x.device)[None, :] < lengths.to(x.device)[:, None]).to(x.dtype)
         return (x * mask.unsqueeze(-1)).sum(1) / lengths.to(x.device, x.dtype).unsqueeze(-1)
 
     def blocks(self) -> list[nn.Module]:
