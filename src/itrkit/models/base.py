@@ -76,6 +76,24 @@ class Tower(nn.Module):
                     block.train(False)
         return self
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute activations in backward instead of storing them (less memory, ~1 more forward).
+
+        Supported for towers built on Hugging Face models (their layers implement it); any other
+        tower raises a one-line ConfigError naming it.
+        """
+        from transformers import PreTrainedModel
+
+        from itrkit.errors import ConfigError
+
+        models = [m for m in self.modules() if isinstance(m, PreTrainedModel) and m.supports_gradient_checkpointing]
+        if not models:
+            raise ConfigError(f"tower '{self.spec.get('name', type(self).__name__)}' does not support gradient "
+                              "checkpointing (Hugging Face towers do)")
+        for m in models:
+            # Non-reentrant checkpointing: works when the inputs need no gradient (frozen embeddings).
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
     def fingerprint(self) -> str:
         """Spec + a digest of the weights, so retrained or different weights never share a cache."""
         h = 0.0

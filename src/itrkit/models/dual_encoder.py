@@ -38,6 +38,7 @@ class ModelConfig:
     usa_heads: bool = False
     usa_dim: int = 256
     image_size: int = 0  # 0 = the tower's native size
+    grad_checkpointing: bool = False  # recompute trainable towers' activations in backward (HF towers)
 
     def validate(self) -> None:
         from itrkit.errors import ConfigError
@@ -49,6 +50,9 @@ class ModelConfig:
         if self.cached_features and (self.image_trainable != "frozen" or self.text_trainable != "frozen"):
             raise ConfigError("model.cached_features needs frozen towers "
                               "(set model.cached_features=false to train tower blocks)")
+        if self.grad_checkpointing and self.image_trainable == "frozen" and self.text_trainable == "frozen":
+            raise ConfigError("model.grad_checkpointing needs a trainable tower (model.image_trainable or "
+                              "model.text_trainable other than frozen): frozen towers store no activations")
 
 
 def _head(in_dim: int, out_dim: int) -> nn.Sequential:
@@ -94,6 +98,10 @@ class DualEncoder(nn.Module):
         self.text_usa: nn.Module | None = _head(dt, config.usa_dim) if config.usa_heads else None
         self.image_tower.set_trainable(config.image_trainable)
         self.text_tower.set_trainable(config.text_trainable)
+        if config.grad_checkpointing:
+            for tower, mode in ((self.image_tower, config.image_trainable), (self.text_tower, config.text_trainable)):
+                if mode != "frozen":
+                    tower.enable_gradient_checkpointing()
 
     # --- training path ---------------------------------------------------------------------
     @property

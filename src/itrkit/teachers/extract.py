@@ -163,10 +163,8 @@ def extract_teacher(encoder: nn.Module | Callable[[list[Any]], Any], items: Sequ
         assert writer is not None
         seconds = time.perf_counter() - t0
         writer.reduction = reducer.header(sample=sample_n)
-        writer.extra = {"reduction_spec": reducer.steps,
-                        "extraction": {"seconds": round(seconds, 3), "items_per_s": round(n / seconds, 2),
-                                       "batch_size": batch_size}}
-        store = writer.close()
+        writer.extra = {"reduction_spec": reducer.steps}
+        store = writer.close_extraction(seconds, batch_size)
     except BaseException as e:
         if writer is not None:
             writer.abort(e)

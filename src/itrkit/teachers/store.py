@@ -219,6 +219,13 @@ class StoreWriter:
         self._files.append(name)
 
     # --- finishing -------------------------------------------------------------------------------
+    def close_extraction(self, seconds: float, batch_size: int) -> FeatureStore:
+        """:meth:`close`, recording the extraction's speed in the header (``extraction``)."""
+        n = len(self.ids)
+        self.extra["extraction"] = {"seconds": round(seconds, 3), "items_per_s": round(n / max(seconds, 1e-9), 2),
+                                    "batch_size": batch_size}
+        return self.close()
+
     def close(self) -> FeatureStore:
         """Check that every row was written, write ids + header, rename the folder into place."""
         if self.store is not None:

@@ -18,11 +18,14 @@ class DataConfig:
     test_split: str = "test"
     max_train_images: int = 0  # 0 = all
     max_eval_images: int = 0
-    num_workers: int = 0  # data-loader worker processes (live towers only)
+    num_workers: int = 0  # processes preparing the next batches (live towers; cached features need none)
+    image_cache_mb: int = 1024  # live image towers: decoded + preprocessed images kept in RAM (0 = off)
 
     def validate(self) -> None:
         if self.max_train_images < 0 or self.max_eval_images < 0:
             raise ConfigError("data.max_train_images / data.max_eval_images must be >= 0")
+        if self.num_workers < 0 or self.image_cache_mb < 0:
+            raise ConfigError("data.num_workers / data.image_cache_mb must be >= 0")
 
 
 @dataclass
@@ -123,6 +126,7 @@ class TrainConfig:
     cache_dir: str = ""  # tower-feature cache ('' = $ITRKIT_CACHE or ~/.cache/itrkit)
     threads: int = 0  # torch threads (0 = leave as is)
     log_every: int = 50
+    precision: str = "fp32"  # fp32 | bf16 (autocast around the model's forward; losses stay float32)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -141,6 +145,8 @@ class TrainConfig:
             raise ConfigError("stages: at least one epoch in total is needed")
         if self.eval_every < 1:
             raise ConfigError("eval_every must be >= 1")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"precision must be fp32 or bf16, got '{self.precision}'")
 
     def weights(self, stage: StageConfig) -> dict[str, float]:
         w = {k: float(getattr(self.loss, k)) for k in LOSS_TERMS}

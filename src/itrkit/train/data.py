@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from itrkit.data.images import ImageCache
 from itrkit.data.records import Dataset
 from itrkit.errors import DataError
 from itrkit.models.dual_encoder import DualEncoder
@@ -34,7 +35,8 @@ def split_features(model: DualEncoder, ds: Dataset, cache_dir: str | Path | None
 class PairData:
     """Rows = captions; ``txt2img`` maps each to its image; ``labels`` = image index (IConE class)."""
 
-    def __init__(self, ds: Dataset, model: DualEncoder, cached: bool, cache_dir: str | Path | None = None) -> None:
+    def __init__(self, ds: Dataset, model: DualEncoder, cached: bool, cache_dir: str | Path | None = None,
+                 image_cache_mb: int = 0) -> None:
         self.ds = ds
         self.txt2img = ds.txt2img
         self.n_pairs = len(self.txt2img)
@@ -52,6 +54,22 @@ class PairData:
             self.text_features = torch.from_numpy(txt)
         self.teacher_image = None  # (store, rows per image)
         self.teacher_text = None
+        # Live image towers: each image is decoded and preprocessed once, then served from RAM
+        # (LRU under the budget; per worker process when a DataLoader forks workers).
+        self.image_cache = ImageCache(image_cache_mb << 20) if image_cache_mb > 0 and not cached else None
+
+    def _tower_input(self, img: Any) -> np.ndarray:
+        x = self.model.image_tower.prepare([img])
+        if not isinstance(x, torch.Tensor):
+            raise DataError(f"data.image_cache_mb needs an image tower whose inputs are one tensor; "
+                            f"{self.model.image_tower.spec.get('name')} gives {type(x).__name__} (set image_cache_mb=0)")
+        return x[0].numpy()
+
+    def image_inputs(self, img_idx: np.ndarray) -> Any:
+        paths = [self.paths[i] for i in img_idx]
+        if self.image_cache is None:
+            return self.model.image_tower.prepare(paths)
+        return torch.from_numpy(np.stack([self.image_cache.get(p, self._tower_input) for p in paths]))
 
     def attach_teachers(self, image_store: Any, text_store: Any, shuffle_seed: int | None = None) -> None:
         """Row indices of each image / caption in the stores; ``shuffle_seed`` permutes them (control)."""
@@ -88,7 +106,7 @@ class PairData:
             b["image_features"] = self.image_features[torch.from_numpy(img_idx)]
             b["text_features"] = self.text_features[torch.from_numpy(cap_idx)]
         else:
-            b["image_inputs"] = self.model.image_tower.prepare([self.paths[i] for i in img_idx])
+            b["image_inputs"] = self.image_inputs(img_idx)
             b["text_inputs"] = self.model.text_tower.prepare([self.texts[i] for i in cap_idx])
         if self.teacher_image is not None:
             store, rows = self.teacher_image
@@ -120,3 +138,30 @@ def require_split(ds: Dataset, name: str, limit: int = 0) -> Dataset:
     except DataError:
         raise
     return part.subset(limit or None)
+
+
+class BatchSource(torch.utils.data.Dataset):
+    """Item k = the k-th batch of a fixed list of caption-index arrays, so a ``DataLoader`` with
+    worker processes prepares (decodes, tokenises, reads teachers) the next batches while the
+    model trains; the batches are the same as without workers."""
+
+    def __init__(self, data: PairData, batches: list[np.ndarray]) -> None:
+        self.data, self.batches = data, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        return self.data.batch(self.batches[k])
+
+
+def _as_is(x: Any) -> Any:
+    return x
+
+
+def iterate_batches(data: PairData, batches: list[np.ndarray], num_workers: int) -> Any:
+    """Batches in order; prepared by ``num_workers`` processes when > 0 (live towers only)."""
+    if num_workers <= 0 or data.cached:
+        return (data.batch(b) for b in batches)
+    return iter(torch.utils.data.DataLoader(BatchSource(data, batches), batch_size=None, shuffle=False,
+                                            num_workers=num_workers, collate_fn=_as_is, prefetch_factor=2))

@@ -32,7 +32,7 @@ from itrkit.models.dual_encoder import DualEncoder, build_model
 from itrkit.models.io import save_model, save_state_file
 from itrkit.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from itrkit.train.config import StageConfig, TrainConfig
-from itrkit.train.data import PairData, embed_split, require_split
+from itrkit.train.data import PairData, embed_split, iterate_batches, require_split
 from itrkit.train.objective import Objective
 from itrkit.utils.io import atomic_write_json
 
@@ -44,14 +44,20 @@ class Interrupted(ItrkitError):
 class TrainModule(nn.Module):
     """Model + objective in one module so DDP sees every trainable parameter."""
 
-    def __init__(self, model: DualEncoder, objective: Objective, gather: bool) -> None:
+    def __init__(self, model: DualEncoder, objective: Objective, gather: bool, precision: str = "fp32") -> None:
         super().__init__()
         self.model = model
         self.objective = objective
         self.gather = gather
+        self.bf16 = precision == "bf16"
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        out = self.model(batch)
+        device = next(self.model.parameters()).device.type
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.model(batch)
+        # Losses in float32: bf16 keeps 8 mantissa bits, too few for log-softmax over a batch and
+        # for soft labels that differ in the third decimal.
+        out = {k: v.float() if torch.is_floating_point(v) else v for k, v in out.items()}
         if self.gather:
             # Losses over the global batch: features gathered with gradient (open_clip semantics).
             keys = [k for k in ("image_embeds", "text_embeds", "image_uni", "text_uni") if k in out]
@@ -158,7 +164,7 @@ class Trainer:
         cache = cfg.cache_dir or None
         train_ds = require_split(self.dataset, cfg.data.train_split, cfg.data.max_train_images)
         val_ds = require_split(self.dataset, cfg.data.val_split, cfg.data.max_eval_images)
-        self.train_data = PairData(train_ds, self.model, cfg.model.cached_features, cache)
+        self.train_data = PairData(train_ds, self.model, cfg.model.cached_features, cache, cfg.data.image_cache_mb)
         self.val_data = PairData(val_ds, self.model, cfg.model.cached_features, cache)
         if self.train_data.n_pairs < cfg.batch_size * self.world:
             raise ConfigError(f"batch_size {cfg.batch_size} (×{self.world} ranks) is larger than the "
@@ -172,7 +178,8 @@ class Trainer:
             raise ConfigError("loss.usa > 0 needs model.usa_heads=true")
         if cfg.uses("csa") or cfg.uses("usa"):
             self._attach_teachers()
-        self.module = TrainModule(self.model, self.objective, gather=self.world > 1 and cfg.loss.gather == "global")
+        self.module = TrainModule(self.model, self.objective, gather=self.world > 1 and cfg.loss.gather == "global",
+                                  precision=cfg.precision)
         # What each stage starts from: tower trainability from the model config, learnable temperatures.
         self.base_trainable = {n: p.requires_grad for n, p in self.module.named_parameters()}
 
@@ -302,14 +309,15 @@ class Trainer:
                 first_b = start["batch"] if (si == start["stage"] and epoch == start["epoch"]) else 0
                 bar = tqdm(range(first_b, nb), desc=f"{stage.name} epoch {epoch + 1}/{stage.epochs}",
                            disable=not self.progress or self.rank != 0, leave=False, dynamic_ncols=True)
-                for b in bar:
-                    idx = order[b * B:(b + 1) * B]
-                    if self.world > 1:
-                        idx = idx[self.rank * per_rank:(self.rank + 1) * per_rank]
+                idxs = [order[b * B:(b + 1) * B] for b in range(first_b, nb)]
+                if self.world > 1:
+                    idxs = [idx[self.rank * per_rank:(self.rank + 1) * per_rank] for idx in idxs]
+                batches = iterate_batches(self.train_data, idxs, cfg.data.num_workers)
+                for b, idx, batch in zip(bar, idxs, batches):
                     lr = _lr_at(stage, epoch * nb + b, total)
                     for g in self.optimizer.param_groups:
                         g["lr"] = lr
-                    losses = self.ddp(self.train_data.batch(idx))
+                    losses = self.ddp(batch)
                     loss = sum(losses.values())
                     if not torch.isfinite(loss):
                         terms = {k: float(v.detach()) for k, v in losses.items()}
