@@ -81,12 +81,13 @@ METHODS: dict[str, Method] = {m.name: m for m in [
         ["stages.1.lr=0.0003"], ["stages.1.lr=0.001"], ["stages.1.loss={contrastive: 1.0, instance: 0.1}"],
         ["stages.1.lr=0.001", "loss.tau=0.1"],
     ], description="IConE: stage I instance, stage II instance + InfoNCE"),
+    # IConE + CUSA is not tuned again: IConE's dev choice plus CUSA's chosen weights (α=β=1,
+    # τ_teacher=0.1 on this data) added to stage II, so the row isolates what CUSA adds to IConE.
     Method("icone+cusa", ["loss.contrastive=0", "loss.instance=1", "stages.0.name=stage1",
-                          "stages.1.name=stage2", "stages.1.lr=0.0003", "loss.tau=0.05", "loss.tau_learnable=false",
-                          "stages.1.loss={contrastive: 1.0, instance: 1.0, csa: 1.0, usa: 1.0}", "loss.tau_teacher=0.1"], [
-        ["stages.1.lr=0.0003"], ["stages.1.lr=0.001"], ["stages.1.loss={contrastive: 1.0, instance: 1.0, csa: 3.0, usa: 3.0}"],
-        ["stages.1.lr=0.001", "loss.tau=0.1"],
-    ], teachers=True, description="IConE two stages + CUSA terms in stage II"),
+                          "stages.1.name=stage2", "stages.1.loss={contrastive: 1.0, instance: 1.0}",
+                          "stages.1.lr=0.0003", "loss.tau=0.05", "loss.tau_learnable=false"],
+           copy_choice_of="icone", after=["stages.1.loss.csa=1.0", "stages.1.loss.usa=1.0", "loss.tau_teacher=0.1"],
+           teachers=True, description="IConE's chosen setting + CUSA terms (α=β=1, τ_t=0.1) in stage II"),
 ]}
 DEFAULT_METHODS = ["infonce", "csa", "usa", "cusa", "cusa-shuffled"]
 
@@ -99,10 +100,21 @@ def _epochs(method: Method, epochs: int) -> list[str]:
 
 class Reproduction:
     def __init__(self, data: Path, out: Path, methods: list[str], seeds: int, epochs: int, cache: str | None,
-                 image_teacher: str, text_teacher: str, max_train_images: int = 0, tune: bool = True) -> None:
-        unknown = [m for m in methods if m not in METHODS]
-        if unknown:
-            raise ConfigError(f"unknown method(s) {unknown} (known: {', '.join(METHODS)})")
+                 image_teacher: str, text_teacher: str, max_train_images: int = 0, tune: bool = True,
+                 fixed: dict[str, int] | None = None, fusion_epochs: int | None = None) -> None:
+        from itrkit.reproduce_fusion import METHODS as FUSION_METHODS
+
+        unknown = [m for m in [*methods, *(fixed or {})] if m not in METHODS and m not in FUSION_METHODS]
+        if unknown or any(m in FUSION_METHODS for m in fixed or {}):
+            raise ConfigError(f"unknown method(s) {unknown or list(fixed or {})} (known: {', '.join(METHODS)}; "
+                              f"fusion, untuned: {', '.join(FUSION_METHODS)})")
+        self.fusion = [m for m in methods if m in FUSION_METHODS]
+        methods = [m for m in methods if m not in FUSION_METHODS]
+        self.fusion_epochs = fusion_epochs
+        for name, gi in (fixed or {}).items():
+            if not 0 <= gi < len(METHODS[name].grid):
+                raise ConfigError(f"--choice {name}={gi}: {name} has grid points 0..{len(METHODS[name].grid) - 1}")
+        self.fixed = dict(fixed or {})  # method → grid index chosen earlier on dev (no tuning again)
         self.out = out
         self.methods = methods
         self.seeds = seeds
@@ -161,6 +173,8 @@ class Reproduction:
     def tune_method(self, method: Method) -> list[str]:
         if method.copy_choice_of:
             return self.choices[method.copy_choice_of]
+        if method.name in self.fixed:
+            return method.grid[self.fixed[method.name]]
         if not self.tune or len(method.grid) <= 1:
             return method.grid[0] if method.grid else []
         scores = []
@@ -182,6 +196,8 @@ class Reproduction:
             t0 = time.time()
             print(f"[{name}] {method.description}", file=sys.stderr)
             self.choices[name] = self.tune_method(method)
+            if name not in self.methods:  # a dependency: only its choice is needed, not its seed runs
+                continue
             runs = []
             for s in range(self.seeds):
                 m = self._run(self.config(method, self.choices[name], s, self.out / "runs" / name / f"seed{s}"))
@@ -192,7 +208,32 @@ class Reproduction:
             results[name] = {"rsum_mean": float(rs.mean()), "rsum_std": float(rs.std(ddof=1)) if len(rs) > 1 else 0.0,
                              "chosen": chosen, "runs": runs}
             self.timings[name] = round(time.time() - t0, 1)
+        for name in self.fusion:
+            t0 = time.time()
+            results.update(self.run_fusion(name))
+            self.timings[name] = round(time.time() - t0, 1)
         self._write(results)
+        return results
+
+    def run_fusion(self, name: str) -> dict[str, Any]:
+        """A fusion family (:mod:`itrkit.reproduce_fusion`): its recipe as bundled, paired seeds."""
+        from itrkit.reproduce_fusion import ENSEMBLES, TRAINED, run_method
+
+        print(f"[{name}] fusion matcher ({', '.join(ENSEMBLES.get(name, (name,)))})", file=sys.stderr)
+        over = [f"data.max_train_images={self.max_train}"] if self.max_train else []
+        if self.fusion_epochs:
+            over.append(f"epochs={self.fusion_epochs}")
+        per = run_method(name, self.dataset_dir, self.out, self.seeds, None, self.image_teacher, self.text_teacher,
+                         over, progress=False)
+        results = {}
+        for m, runs in per.items():
+            if m != name and m not in self.methods and m not in self.fusion:
+                continue  # an ensemble's member that was not asked for itself
+            rs = np.array([r["rsum"] for r in runs])
+            recipe = TRAINED[m][0] if m in TRAINED else " + ".join(ENSEMBLES[m])
+            results[m] = {"rsum_mean": float(rs.mean()), "rsum_std": float(rs.std(ddof=1)) if len(rs) > 1 else 0.0,
+                          "chosen": [f"recipe={recipe}", *over],
+                          "runs": [{"seed": s, **r} for s, r in enumerate(runs)]}
         return results
 
     def _write(self, results: dict[str, Any]) -> None:
@@ -248,8 +289,15 @@ def plot_results(results: dict[str, Any], path: Path) -> None:
 
 def _cmd(a: argparse.Namespace) -> int:
     methods = [m.strip() for m in a.methods.split(",")] if a.methods else DEFAULT_METHODS
+    fixed: dict[str, int] = {}
+    for item in a.choice or []:
+        name, sep, idx = item.partition("=")
+        if not sep or not idx.strip().isdigit():
+            raise ConfigError(f"--choice wants METHOD=GRID_INDEX, got '{item}'")
+        fixed[name.strip()] = int(idx)
     rep = Reproduction(Path(a.data), Path(a.out), methods, a.seeds, a.epochs, a.cache, a.image_teacher,
-                       a.text_teacher, a.max_train_images, tune=not a.no_tune)
+                       a.text_teacher, a.max_train_images, tune=not a.no_tune, fixed=fixed,
+                       fusion_epochs=a.fusion_epochs)
     rep.run()
     print(f"results: {a.out}/results.json, results.md, results.png")
     return 0
@@ -260,7 +308,10 @@ def add_parsers(sub: Any) -> None:
     r.add_argument("dataset", choices=["flickr8k"])
     r.add_argument("--data", required=True, help="Flickr8k folder (official layout) or a prepared dataset folder")
     r.add_argument("--out", required=True)
-    r.add_argument("--methods", default=None, help=f"comma-separated, from: {', '.join(METHODS)}")
+    r.add_argument("--methods", default=None,
+                   help=f"comma-separated, from: {', '.join(METHODS)}; fusion matchers (bundled recipes, not tuned): "
+                        "sgr, saf, sgraf, sgr+cusa, saf+cusa, sgraf+cusa, rerank, rerank+cusa")
+    r.add_argument("--fusion-epochs", type=int, default=None, help="epochs of the fusion runs (default: the recipe's)")
     r.add_argument("--seeds", type=int, default=3)
     r.add_argument("--epochs", type=int, default=10)
     r.add_argument("--cache", default=None, help="tower-feature cache folder")
@@ -268,6 +319,9 @@ def add_parsers(sub: Any) -> None:
     r.add_argument("--text-teacher", default="mpnet")
     r.add_argument("--max-train-images", type=int, default=0, help="use only the first N training images")
     r.add_argument("--no-tune", action="store_true", help="take each method's first grid point (quick look)")
+    r.add_argument("--choice", action="append", metavar="METHOD=INDEX",
+                   help="reuse a dev choice made earlier (the grid index printed by 'tune'), e.g. icone=2; "
+                        "repeatable; a method needed only as a base is then not trained at all")
     r.set_defaults(func=_cmd)
 
 
