@@ -75,3 +75,18 @@ def test_train_missing_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str
     err = capsys.readouterr().err
     assert code == 2 and "no prepared dataset" in err and str(tmp_path / "nope") in err
     assert not (tmp_path / "r").exists()
+
+
+def test_teach_cli_reduces_rows(tmp_path: Path, synth_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from itrkit.teachers.store import FeatureStore
+
+    code = main(["teach", "--data", str(synth_dir), "--out", str(tmp_path / "t"), "--image-teacher", "tiny-image",
+                 "--text-teacher", "tiny-text", "--image-reduction", "pca:4", "--text-reduction", "pca:3"])
+    assert code == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert FeatureStore.open(tmp_path / "t" / "image.store").dim == 4
+    assert FeatureStore.open(tmp_path / "t" / "text.store").dim == 3
+    assert main(["teach", "--data", str(synth_dir), "--out", str(tmp_path / "u"), "--image-teacher", "tiny-image",
+                 "--text-teacher", "tiny-text", "--image-reduction", "pca:zero"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pca" in err

