@@ -210,3 +210,25 @@ def test_cli_grid_train_and_eval_rerank(tmp_path: Path, fusion_data: dict[str, P
     assert main(["eval-fusion", str(run), str(run), "--quiet"]) == 2  # a re-ranker has no score matrix to average
     err = capsys.readouterr().err
     assert "re-ranker" in err and err.count("\n") == 1
+
+
+def test_itrkit_reproduce_dispatches_fusion_methods(tmp_path: Path, fusion_data: dict[str, Path]) -> None:
+    """`itrkit reproduce flickr8k --methods sgraf`: the bundled recipes, members trained, ensemble reported."""
+    from itrkit.cli import main
+
+    out = tmp_path / "repro"
+    ds = Dataset.load(fusion_data["data"])
+    w = FeatureStore.create(out / "grid.store", ds.image_ids, 16 * 12, {"name": "efficientnet-lite0"}, "image",
+                            extra={"grid": [16, 12]})
+    w.write(0, FeatureStore.open(fusion_data["grid"]).lookup(ds.image_ids))
+    w.close()
+    assert main(["reproduce", "flickr8k", "--data", str(fusion_data["data"]), "--out", str(out),
+                 "--methods", "sgraf", "--seeds", "1", "--fusion-epochs", "1"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res) == {"sgraf"} and res["sgraf"]["chosen"] == ["recipe=sgr + saf", "epochs=1"]
+    run = res["sgraf"]["runs"][0]
+    assert run["seed"] == 0 and run["rsum"] == pytest.approx(res["sgraf"]["rsum_mean"])
+    for m in ("sgr", "saf"):
+        cfg = load_yaml(out / "runs" / m / "seed0" / "config.yaml")
+        assert cfg["model"]["name"] == m and cfg["epochs"] == 1 and cfg["model"]["embed_dim"] == 128  # the recipe
+    assert (out / "results.md").read_text().count("| sgraf |") == 1
