@@ -32,3 +32,37 @@ def test_recipe_trains(path: Path, tmp_path: Path, synth_dir: Path, teacher_stor
     assert metrics["test"]["rsum"] > 0
     assert len({h["stage"] for h in metrics["history"]}) == n_stages
     assert (tmp_path / "run" / "config.yaml").is_file()
+
+
+# --- the recipes in sub-folders: Flickr8k dev choices and the fusion matchers ---------------------------
+ROOT = Path(__file__).resolve().parents[2] / "configs"
+CHOSEN = sorted((ROOT / "flickr8k").glob("*.yaml"))
+FUSION = sorted((ROOT / "fusion").glob("*.yaml"))
+# CUSA paper, appendix: (alpha, beta) for SGR, SAF and the X2VLM-style re-ranker; 0 = no CUSA.
+APPENDIX = {"sgr": (0, 0), "saf": (0, 0), "rerank": (0, 0),
+            "sgr_cusa": (0.6, 0.75), "saf_cusa": (1.0, 0.75), "rerank_cusa": (0.3, 0.75)}
+
+
+@pytest.mark.parametrize("path", CHOSEN, ids=lambda p: p.stem)
+def test_flickr8k_choices_load(path: Path) -> None:
+    """The published dev choices stay valid configs (a renamed key would make them unusable)."""
+    raw = yaml.safe_load(path.read_text())
+    cfg = load_config(TrainConfig, path)
+    assert len(cfg.stages) == len(raw["stages"]) and cfg.data.path == "data/flickr8k"
+    assert (cfg.teacher.image_store != "") == any(
+        (s.get("loss") or {}).get(k, raw["loss"][k]) > 0 for s in raw["stages"] for k in ("csa", "usa"))
+
+
+def test_fusion_recipes_are_there() -> None:
+    assert {p.stem for p in FUSION} == set(APPENDIX)
+
+
+@pytest.mark.parametrize("path", FUSION, ids=lambda p: p.stem)
+def test_fusion_recipe_builds_with_the_appendix_weights(path: Path) -> None:
+    from itrkit.train.fusion import build_fusion_model, load_fusion_config
+
+    cfg = load_fusion_config(path)
+    model = build_fusion_model({**cfg.model, "region_dim": 1280})  # unknown model keys raise here
+    alpha, beta = APPENDIX[path.stem]
+    assert (cfg.model.get("alpha", 0), cfg.model.get("beta", 0)) == (alpha, beta)
+    assert any(n.startswith("usa") for n, _ in model.named_parameters()) == (beta > 0)
