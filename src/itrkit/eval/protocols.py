@@ -9,19 +9,32 @@
   images (so the folds are the published ones whatever the dataset order), else dataset order.
   Extra captions (Karpathy's split has 25,010) stay with their image.
 - ``flickr30k-1k``: ``full``, checked to be 1,000 test images (Flickr30K and Flickr8K 1K tests).
+- ``flickr8k-human``: ``full`` plus the Flickr8k human-judgment metrics of
+  :func:`itrkit.eval.flickr8k_human.evaluate_flickr8k_human` (expert τ_c, CrowdFlower τ_b, graded
+  mAP@R / R-Precision). Needs the images' file names, the official caption ids ``x.jpg#k`` and
+  the folder of ``ExpertAnnotations.txt`` / ``CrowdFlowerAnnotations.txt``; annotation pairs
+  outside the given images / captions are skipped (counted in ``f8k_skipped_pairs``), so a subset
+  of the test split works, but only the whole official test split gives the protocol's numbers.
+
+:func:`evaluate_dataset_protocol` takes a :class:`~itrkit.data.records.Dataset` and derives the
+ids, names and (for ``flickr8k-human``, when not given) the annotation folder from it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from itrkit.errors import ConfigError, DataError
 from itrkit.eval.retrieval import evaluate_retrieval
 
-PROTOCOLS = ("full", "coco5k", "coco1k", "flickr30k-1k")
+if TYPE_CHECKING:
+    from itrkit.data.records import Dataset
+
+PROTOCOLS = ("full", "coco5k", "coco1k", "flickr30k-1k", "flickr8k-human")
 FOLD_ORDERS = ("auto", "coco5k", "dataset")
 _SIZES = {"coco5k": 5000, "coco1k": 5000, "flickr30k-1k": 1000}
 
@@ -62,8 +75,15 @@ def coco1k_fold_order(image_ids: Sequence[Any] | None, fold_order: str = "auto")
 
 def evaluate_protocol(img_emb: Any, txt_emb: Any, txt2img: Any, protocol: str,
                       image_ids: Sequence[Any] | None = None, chunk_size: int = 1024,
-                      fold_order: str = "auto") -> dict[str, float]:
-    """Metrics of :func:`evaluate_retrieval` under ``protocol``; ``coco1k`` adds ``folds``."""
+                      fold_order: str = "auto", image_names: Sequence[str] | None = None,
+                      caption_ids: Sequence[str] | None = None,
+                      annotations_dir: str | Path | None = None) -> dict[str, float]:
+    """Metrics of :func:`evaluate_retrieval` under ``protocol``; ``coco1k`` adds ``folds``.
+
+    ``flickr8k-human`` also needs ``caption_ids`` (``x.jpg#k``), ``annotations_dir`` and the image
+    file names: ``image_names``, else ``image_ids`` with ``.jpg`` appended (Flickr8k image ids
+    are the file stems).
+    """
     if protocol not in PROTOCOLS:
         raise ConfigError(f"unknown protocol {protocol!r}; one of {', '.join(PROTOCOLS)}")
     n = len(img_emb)
@@ -72,6 +92,21 @@ def evaluate_protocol(img_emb: Any, txt_emb: Any, txt2img: Any, protocol: str,
         raise DataError(f"protocol {protocol} needs {want} test images, got {n}")
     if image_ids is not None and len(image_ids) != n:
         raise DataError(f"{len(image_ids)} image ids for {n} image embeddings")
+    if protocol == "flickr8k-human":
+        from itrkit.eval.flickr8k_human import evaluate_flickr8k_human
+
+        if annotations_dir is None:
+            raise ConfigError("protocol flickr8k-human needs the folder of ExpertAnnotations.txt and "
+                              "CrowdFlowerAnnotations.txt")
+        if caption_ids is None:
+            raise DataError("protocol flickr8k-human needs the caption ids (x.jpg#k)")
+        if image_names is None:
+            if image_ids is None:
+                raise DataError("protocol flickr8k-human needs the image file names (x.jpg)")
+            image_names = [str(i) if str(i).endswith(".jpg") else f"{i}.jpg" for i in image_ids]
+        out = dict(evaluate_retrieval(img_emb, txt_emb, txt2img, chunk_size))
+        out.update(evaluate_flickr8k_human(img_emb, txt_emb, image_names, caption_ids, annotations_dir))
+        return out
     if protocol != "coco1k":
         return evaluate_retrieval(img_emb, txt_emb, txt2img, chunk_size)
     img = np.asarray(img_emb.detach().cpu() if hasattr(img_emb, "detach") else img_emb)
@@ -92,3 +127,43 @@ def evaluate_protocol(img_emb: Any, txt_emb: Any, txt2img: Any, protocol: str,
     out: dict[str, float] = {k: float(np.mean([m[k] for m in folds])) for k in folds[0]}
     out["folds"] = len(folds)
     return out
+
+
+def flickr8k_names(ds: Dataset) -> tuple[list[str], list[str]]:
+    """(image file names, caption ids ``name.jpg#k``) of a Flickr8k dataset, as the annotations
+    write them. Caption ids ``stem#k`` (the ``captions.txt`` variant) are given the file name."""
+    names, caps = [], []
+    for r in ds.records:
+        fname = Path(r.path).name
+        names.append(fname)
+        for c in r.captions:
+            prefix, _, k = str(c.id).rpartition("#")
+            if prefix not in (fname, r.id) or not k.isdigit():
+                raise DataError(f"caption id {c.id!r} of image {r.id!r} is not '{fname}#k': the Flickr8k human "
+                                "judgments need the official caption ids (prepare the data with --format flickr8k)")
+            caps.append(f"{fname}#{k}")
+    return names, caps
+
+
+def evaluate_dataset_protocol(img_emb: Any, txt_emb: Any, ds: Dataset, protocol: str, chunk_size: int = 1024,
+                              fold_order: str = "auto",
+                              annotations_dir: str | Path | None = None) -> dict[str, float]:
+    """:func:`evaluate_protocol` for the embeddings of ``ds`` (rows in dataset order).
+
+    For ``flickr8k-human`` the annotation folder defaults to the one found beside the images
+    (:func:`itrkit.eval.flickr8k_human.find_annotations_dir`).
+    """
+    if protocol != "flickr8k-human":
+        return evaluate_protocol(img_emb, txt_emb, ds.txt2img, protocol, image_ids=ds.image_ids,
+                                 chunk_size=chunk_size, fold_order=fold_order)
+    from itrkit.eval.flickr8k_human import CROWDFLOWER_FILE, EXPERT_FILE, find_annotations_dir
+
+    if annotations_dir is None:
+        annotations_dir = find_annotations_dir(ds.image_paths)
+        if annotations_dir is None:
+            where = Path(ds.image_paths[0]).parent if len(ds) else Path(".")
+            raise DataError(f"no {EXPERT_FILE} and {CROWDFLOWER_FILE} found in {where}, its parent or "
+                            f"{where.parent / 'Flickr8k_text'}; pass the annotations folder")
+    names, caps = flickr8k_names(ds)
+    return evaluate_protocol(img_emb, txt_emb, ds.txt2img, protocol, chunk_size=chunk_size, image_names=names,
+                             caption_ids=caps, annotations_dir=annotations_dir)
