@@ -15,6 +15,7 @@ from itrkit.eval.protocols import (
     coco1k_fold_order,
     evaluate_dataset_protocol,
     evaluate_protocol,
+    flickr8k_human_metrics,
     flickr8k_names,
 )
 from itrkit.eval.retrieval import evaluate_retrieval, l2_normalize, topk
@@ -132,6 +133,7 @@ def test_flickr8k_human_protocol_is_full_plus_the_human_metrics(tmp_path: Path) 
     assert got == want and got["f8k_expert_pairs"] == 3 and got["f8k_cf_pairs"] == 3
     # from a Dataset: names, caption ids and the annotation folder (beside images/) are derived
     assert evaluate_dataset_protocol(img, txt, ds, "flickr8k-human") == want
+    assert flickr8k_human_metrics(img, txt, ds) == evaluate_flickr8k_human(img, txt, names, ds.caption_ids, ann)
     assert evaluate_dataset_protocol(img, txt, ds, "full") == evaluate_retrieval(img, txt, ds.txt2img)
     with pytest.raises(ConfigError, match="flickr8k-human needs the folder of ExpertAnnotations.txt"):
         evaluate_protocol(img, txt, ds.txt2img, "flickr8k-human", image_ids=ds.image_ids, caption_ids=ds.caption_ids)

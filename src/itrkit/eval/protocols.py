@@ -145,6 +145,29 @@ def flickr8k_names(ds: Dataset) -> tuple[list[str], list[str]]:
     return names, caps
 
 
+def flickr8k_human_metrics(img_emb: Any, txt_emb: Any, ds: Dataset,
+                           annotations_dir: str | Path | None = None) -> dict[str, float]:
+    """Only the Flickr8k human-judgment keys for the embeddings of ``ds`` (e.g. to add them to a
+    run's test metrics); the annotation folder defaults to the one found beside the images."""
+    from itrkit.eval.flickr8k_human import evaluate_flickr8k_human
+
+    names, caps = flickr8k_names(ds)
+    return evaluate_flickr8k_human(img_emb, txt_emb, names, caps, _annotations_dir(ds, annotations_dir))
+
+
+def _annotations_dir(ds: Dataset, given: str | Path | None) -> Path:
+    from itrkit.eval.flickr8k_human import CROWDFLOWER_FILE, EXPERT_FILE, find_annotations_dir
+
+    if given is not None:
+        return Path(given)
+    found = find_annotations_dir(ds.image_paths)
+    if found is None:
+        where = Path(ds.image_paths[0]).parent if len(ds) else Path(".")
+        raise DataError(f"no {EXPERT_FILE} and {CROWDFLOWER_FILE} found in {where}, its parent or "
+                        f"{where.parent / 'Flickr8k_text'}; pass the annotations folder")
+    return found
+
+
 def evaluate_dataset_protocol(img_emb: Any, txt_emb: Any, ds: Dataset, protocol: str, chunk_size: int = 1024,
                               fold_order: str = "auto",
                               annotations_dir: str | Path | None = None) -> dict[str, float]:
@@ -156,14 +179,6 @@ def evaluate_dataset_protocol(img_emb: Any, txt_emb: Any, ds: Dataset, protocol:
     if protocol != "flickr8k-human":
         return evaluate_protocol(img_emb, txt_emb, ds.txt2img, protocol, image_ids=ds.image_ids,
                                  chunk_size=chunk_size, fold_order=fold_order)
-    from itrkit.eval.flickr8k_human import CROWDFLOWER_FILE, EXPERT_FILE, find_annotations_dir
-
-    if annotations_dir is None:
-        annotations_dir = find_annotations_dir(ds.image_paths)
-        if annotations_dir is None:
-            where = Path(ds.image_paths[0]).parent if len(ds) else Path(".")
-            raise DataError(f"no {EXPERT_FILE} and {CROWDFLOWER_FILE} found in {where}, its parent or "
-                            f"{where.parent / 'Flickr8k_text'}; pass the annotations folder")
     names, caps = flickr8k_names(ds)
     return evaluate_protocol(img_emb, txt_emb, ds.txt2img, protocol, chunk_size=chunk_size, image_names=names,
-                             caption_ids=caps, annotations_dir=annotations_dir)
+                             caption_ids=caps, annotations_dir=_annotations_dir(ds, annotations_dir))
