@@ -10,11 +10,14 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: demo test install lint bench clean
 
-$(STAMP): pyproject.toml
+# The library asks only torch>=2.1; what we test and demo on is pinned here, in the constraints
+# file (this machine's CPU wheel). On a machine with its own CUDA torch: `make install CONSTRAINTS=`.
+CONSTRAINTS ?= constraints/cpu.txt
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[all,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -32,6 +32,7 @@ from itrkit.errors import DataError
 from itrkit.eval.retrieval import evaluate_retrieval, l2_normalize, ranks, topk
 from itrkit.eval.table import DEFAULT_KEYS, format_table
 from itrkit.utils.io import atomic_path, atomic_write_json, atomic_write_text
+from itrkit.utils.optional import require
 
 TOP = 5
 
@@ -66,6 +67,8 @@ def _spread(n: int, k: int) -> np.ndarray:
 def plot_tsne(img_emb: Any, txt_emb: Any, txt2img: np.ndarray, path: Path, title: str,
               max_groups: int = 30, seed: int = 0) -> Path:
     """t-SNE (scikit-learn, fixed seed) of up to ``max_groups`` images and all their captions."""
+    require("matplotlib", "eval", "the report's t-SNE figures")
+    require("sklearn", "eval", "the report's t-SNE figures")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from sklearn.manifold import TSNE

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from itrkit.errors import ConfigError
+from itrkit.utils.optional import require
 
 
 def _names(runs: list[Path], given: str | None) -> list[str]:
@@ -31,6 +32,8 @@ def report_runs(runs: list[str | Path], out: str | Path, data: str | None = None
     from itrkit.eval.run import embed_dataset, run_dataset_path
     from itrkit.models.io import load_model
 
+    for module in ("matplotlib", "sklearn"):  # before embedding anything
+        require(module, "eval", "itrkit report")
     paths = [Path(r) for r in runs]
     items = []
     for path, name in zip(paths, _names(paths, names)):

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-from scipy.stats import spearmanr
 
 from itrkit.errors import DataError
+from itrkit.utils.optional import require
 
 STS_YEARS: dict[str, tuple[str, ...]] = {
     "sts12": ("MSRpar", "MSRvid", "SMTeuroparl", "surprise.OnWN", "surprise.SMTnews"),
@@ -131,6 +131,8 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    from scipy.stats import spearmanr  # the [eval] extra, checked by evaluate_sts
+
     return float(100.0 * spearmanr(x, y).statistic)
 
 
@@ -141,6 +143,7 @@ def evaluate_sts(encode: Callable[[list[str]], Any], root: str | Path, tasks: Se
     ``encode(list of sentences) -> (n, d)`` array or tensor; called on batches of unique
     sentences. Keys: ``sts_<task>`` (years: also ``_mean`` / ``_wmean``), ``sts_sts12-16``, ``sts_avg``.
     """
+    require("scipy", "eval", "STS evaluation (itrkit eval --sts)")
     from tqdm.auto import tqdm
 
     unknown = [t for t in tasks if t not in TASKS]

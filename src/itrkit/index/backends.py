@@ -17,6 +17,7 @@ import numpy as np
 
 from itrkit.errors import StoreError
 from itrkit.utils.io import atomic_path
+from itrkit.utils.optional import require
 
 BACKENDS = ("exact", "faiss-flat", "faiss-hnsw")
 
@@ -191,7 +192,7 @@ class _FaissIndex(VectorIndex):
 
     def __init__(self, dim: int) -> None:
         super().__init__(dim)
-        import faiss
+        faiss = require("faiss", "index", f"index backend {self.name!r}")
 
         self._faiss = faiss
         self.index = self._make()
@@ -216,7 +217,7 @@ class _FaissIndex(VectorIndex):
 
     @classmethod
     def _read(cls, path: str | Path):
-        import faiss
+        faiss = require("faiss", "index", f"index backend {cls.name!r}")
 
         if not Path(path).is_file():
             raise StoreError(f"faiss index file not found: {path}")
@@ -239,7 +240,7 @@ class FaissFlatIndex(_FaissIndex):
 
     @classmethod
     def load(cls, path: str | Path) -> FaissFlatIndex:
-        import faiss
+        faiss = require("faiss", "index", f"index backend {cls.name!r}")
 
         raw = cls._read(path)
         if not isinstance(raw, faiss.IndexFlat):
@@ -274,7 +275,7 @@ class FaissHNSWIndex(_FaissIndex):
 
     @classmethod
     def load(cls, path: str | Path) -> FaissHNSWIndex:
-        import faiss
+        faiss = require("faiss", "index", f"index backend {cls.name!r}")
 
         raw = cls._read(path)
         if not isinstance(raw, faiss.IndexHNSWFlat):

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from itrkit.index.backends import BACKENDS
+from itrkit.utils.optional import require
 
 
 def load_encoder(run_dir: str | Path):
@@ -30,6 +31,8 @@ def _encoder_for(index, run: str | None):
 def cmd_index_build(args: argparse.Namespace) -> int:
     from itrkit.index.build import build_index, dataset_from_source
 
+    if args.backend.startswith("faiss"):  # before any embedding work
+        require("faiss", "index", f"itrkit index build --backend {args.backend}")
     dataset = dataset_from_source(args.images, split=args.split)
     encoder = load_encoder(args.run)
     out = build_index(encoder, dataset, args.out, backend=args.backend, run_dir=args.run,
@@ -54,7 +57,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    require("fastapi", "serve", "itrkit serve")
+    uvicorn = require("uvicorn", "serve", "itrkit serve")
 
     from itrkit.serve.app import create_app
 
