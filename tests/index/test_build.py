@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from safetensors.numpy import load_file, save_file
 
 from itrkit.data.records import Caption, Dataset, ImageRecord
@@ -109,8 +110,23 @@ def test_encoder_failure_leaves_no_folder(tmp_path: Path, colour_dataset: Datase
     assert not any(tmp_path.glob("*ix*"))
 
 
+def reseal(folder: Path) -> None:
+    """Record the files' current sizes and hashes in the manifest, as a build would have."""
+    from itrkit.index.build import _manifest_digest
+    from itrkit.utils.io import sha256_file
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"] = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+                         for f in sorted(folder.iterdir()) if f.is_file() and f.name != "manifest.json"}
+    manifest["manifest_sha256"] = _manifest_digest(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
 def test_damaged_index_is_a_store_error(colour_index: Path) -> None:
     (colour_index / "items.json").write_text("{not json")
+    with pytest.raises(StoreError, match="items.json: 9 bytes, the manifest records"):
+        load_index(colour_index)
+    reseal(colour_index)  # even with matching checksums, the JSON itself is checked
     with pytest.raises(StoreError, match="items.json: not valid JSON"):
         load_index(colour_index)
 
@@ -118,7 +134,48 @@ def test_damaged_index_is_a_store_error(colour_index: Path) -> None:
 def test_embeddings_that_do_not_match_items_are_refused(colour_index: Path) -> None:
     images = load_file(str(colour_index / "images.safetensors"))
     save_file({"image_embeds": images["image_embeds"][:5]}, str(colour_index / "images.safetensors"))
+    reseal(colour_index)  # past the checksums: the shapes are checked too
     with pytest.raises(StoreError, match="do not match 8 images"):
+        load_index(colour_index)
+
+
+def test_manifest_records_every_file_and_the_data(colour_index: Path, colour_dataset: Dataset) -> None:
+    import hashlib
+
+    manifest = json.loads((colour_index / "manifest.json").read_text())
+    on_disk = {p.name for p in colour_index.iterdir()} - {"manifest.json"}
+    assert set(manifest["files"]) == on_disk
+    for name, rec in manifest["files"].items():
+        data = (colour_index / name).read_bytes()
+        assert rec == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    items = json.loads((colour_index / "items.json").read_text())
+    assert items["image_sha256"] == [hashlib.sha256(p.read_bytes()).hexdigest() for p in colour_dataset.image_paths]
+    # The data fingerprint changes with the bytes of one image, not with where the images live.
+    index = load_index(colour_index)
+    assert len(index.data_fingerprint) == 16
+
+
+def test_data_fingerprint_follows_image_bytes_not_paths(tmp_path: Path, colour_dataset: Dataset,
+                                                        colour_encoder) -> None:
+    import shutil
+
+    a = load_index(build_index(colour_encoder, colour_dataset, tmp_path / "a", progress=False))
+    moved = tmp_path / "moved"
+    shutil.copytree(colour_dataset[0].path.parent, moved)
+    ds_moved = Dataset([ImageRecord(r.id, moved / r.path.name, r.captions, split=r.split)
+                        for r in colour_dataset], name="colours")
+    b = load_index(build_index(colour_encoder, ds_moved, tmp_path / "b", progress=False))
+    assert a.data_fingerprint == b.data_fingerprint
+    Image.new("RGB", (48, 48), (221, 30, 30)).save(moved / "red.png")  # one pixel value off
+    c = load_index(build_index(colour_encoder, ds_moved, tmp_path / "c", progress=False))
+    assert c.data_fingerprint != a.data_fingerprint
+
+
+def test_an_index_without_checksums_is_refused_with_a_hint(colour_index: Path) -> None:
+    manifest = json.loads((colour_index / "manifest.json").read_text())
+    manifest["format"] = "itrkit-index/1"
+    (colour_index / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="manifest.json: index format itrkit-index/1 has no checksums; rebuild"):
         load_index(colour_index)
 
 

@@ -2,19 +2,27 @@
 
 Folder layout (written at once with :func:`itrkit.utils.io.atomic_dir`)::
 
-    manifest.json        {"format": "itrkit-index/1", "model_fingerprint", "run_dir", "backend",
-                          "backend_params", "dim", "uni_dim", "counts", "dataset", "created"}
+    manifest.json        {"format": "itrkit-index/2", "model_fingerprint", "data_fingerprint", "run_dir",
+                          "backend", "backend_params", "dim", "uni_dim", "counts", "dataset", "created",
+                          "files": {name: {"bytes", "sha256"}}, "manifest_sha256"}
     images.safetensors   image_embeds [N, d] (cross head), image_uni [N, d'] (USA head, if any)
     captions.safetensors text_embeds [M, d] (cross head)
-    items.json           image ids, absolute image paths, captions per image, caption -> image index
+    items.json           image ids, absolute image paths, SHA-256 of each image file, captions per
+                         image, caption -> image index
     *.faiss              one file per searchable matrix when the backend is faiss
 
-The manifest's model fingerprint ties the index to the encoder that must embed the queries.
+Integrity: the manifest records the size and SHA-256 of every other file and a SHA-256 of itself
+(``manifest_sha256``, over its other keys); the reader checks them all before parsing anything, so a
+truncated or bit-flipped file is one :class:`StoreError` naming it. The model fingerprint ties the
+index to the encoder that must embed the queries; the data fingerprint (ids, captions and image
+bytes) names the data it was built from, and the service serves an image only while its bytes still
+hash to the indexed SHA-256.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -25,9 +33,11 @@ from PIL import Image
 from itrkit.data.records import Caption, Dataset, ImageRecord
 from itrkit.errors import DataError, StoreError
 from itrkit.index.backends import BACKENDS, ExactIndex, VectorIndex, load_backend, make_index
-from itrkit.utils.io import atomic_dir, atomic_write_json
+from itrkit.utils.io import atomic_dir, atomic_write_json, fingerprint, sha256_file
 
-FORMAT = "itrkit-index/1"
+FORMAT = "itrkit-index/2"
+# Formats this reader refuses with a hint, rather than as unknown.
+OLD_FORMATS = ("itrkit-index/1",)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 # Matrix name in the safetensors files -> faiss file name for that matrix.
 FAISS_FILES = {"image_embeds": "image_embeds.faiss", "image_uni": "image_uni.faiss",
@@ -122,11 +132,15 @@ def build_index(encoder: Encoder, dataset: Dataset, out_dir: str | Path, backend
     if text_embeds is None or text_embeds.shape[1] != dim:
         raise StoreError(f"encoder's caption embeddings do not match its image embeddings (dim {dim})")
 
+    # Hashed after embedding, so a file the encoder read is the file recorded.
+    image_sha256 = [sha256_file(p) for p in paths]
+    data_fp = fingerprint(ids, image_sha256, [[(c.id, c.text) for c in r.captions] for r in dataset.records])
     params = {"m": hnsw_m, "ef_construction": ef_construction, "ef_search": ef_search} \
         if backend == "faiss-hnsw" else {}
     manifest = {
         "format": FORMAT,
         "model_fingerprint": encoder.fingerprint(),
+        "data_fingerprint": data_fp,
         "run_dir": str(Path(run_dir).resolve()) if run_dir is not None else None,
         "backend": backend,
         "backend_params": params,
@@ -139,6 +153,7 @@ def build_index(encoder: Encoder, dataset: Dataset, out_dir: str | Path, backend
     items = {
         "image_ids": ids,
         "image_paths": [str(p) for p in paths],
+        "image_sha256": image_sha256,
         "captions": [[{"id": c.id, "text": c.text} for c in r.captions] for r in dataset.records],
         "caption_image": dataset.txt2img.tolist(),
     }
@@ -156,9 +171,18 @@ def build_index(encoder: Encoder, dataset: Dataset, out_dir: str | Path, backend
                 index = make_index(backend, mat.shape[1], **params)
                 index.add(mat)
                 index.save(tmp / FAISS_FILES[key])
+        manifest["files"] = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+                             for f in sorted(tmp.iterdir()) if f.is_file()}
+        manifest["manifest_sha256"] = _manifest_digest(manifest)
         # The manifest goes last: a folder with a manifest is a complete index.
         atomic_write_json(tmp / "manifest.json", manifest)
     return out_dir
+
+
+def _manifest_digest(manifest: dict[str, Any]) -> str:
+    """SHA-256 of the manifest's keys other than ``manifest_sha256``, in canonical JSON."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
 
 
 # --- reading ---------------------------------------------------------------------------------------
@@ -167,14 +191,12 @@ class IndexReader:
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
-        self.manifest = self._read_json("manifest.json")
-        if self.manifest.get("format") != FORMAT:
-            raise StoreError(f"{self.folder / 'manifest.json'}: unknown index format "
-                             f"{self.manifest.get('format')!r} (expected {FORMAT})")
+        self.manifest = self._read_manifest()
         items = self._read_json("items.json")
         try:
             self.image_ids: list[str] = [str(x) for x in items["image_ids"]]
             self.image_paths: list[Path] = [Path(p) for p in items["image_paths"]]
+            self.image_sha256: list[str] = [str(x) for x in items["image_sha256"]]
             self.captions: list[list[Caption]] = [[Caption(str(c["id"]), str(c["text"])) for c in caps]
                                                   for caps in items["captions"]]
             self.caption_image = np.asarray(items["caption_image"], dtype=np.int64)
@@ -200,24 +222,77 @@ class IndexReader:
         self._verified: Any = None
 
     # --- helpers -----------------------------------------------------------------------------
-    def _read_json(self, name: str) -> dict:
-        path = self.folder / name
+    def _read_manifest(self) -> dict[str, Any]:
+        path = self.folder / "manifest.json"
         if not path.is_file():
             raise StoreError(f"not an itrkit index: {path} is missing")
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise StoreError(f"{path}: not valid JSON (damaged or truncated; rebuild the index)") from None
+        if not isinstance(manifest, dict):
+            raise StoreError(f"{path}: not an index manifest")
+        fmt = manifest.get("format")
+        if fmt in OLD_FORMATS:
+            raise StoreError(f"{path}: index format {fmt} has no checksums; rebuild it with itrkit index build")
+        if fmt != FORMAT:
+            raise StoreError(f"{path}: unknown index format {fmt!r} (expected {FORMAT})")
+        if manifest.get("manifest_sha256") != _manifest_digest(manifest):
+            raise StoreError(f"{path}: checksum does not match its contents (damaged or edited; rebuild the index)")
+        files = manifest.get("files")
+        if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+            raise StoreError(f"{path}: no file checksums")
+        return manifest
+
+    def _verified_bytes(self, name: str) -> bytes:
+        """The bytes of ``name``, after checking its size and SHA-256 against the manifest."""
+        path = self.folder / name
+        expected = self.manifest["files"].get(name)
+        if expected is None:
+            raise StoreError(f"{path}: not listed in {self.folder / 'manifest.json'} (rebuild the index)")
+        if not path.is_file():
+            raise StoreError(f"index file missing: {path}")
+        data = path.read_bytes()
+        self._check_digest(path, len(data), hashlib.sha256(data).hexdigest(), expected)
+        return data
+
+    def _verify_file(self, name: str) -> Path:
+        """Check a file too large or too foreign to hold in memory twice (faiss) by streaming it."""
+        path = self.folder / name
+        expected = self.manifest["files"].get(name)
+        if expected is None:
+            raise StoreError(f"{path}: not listed in {self.folder / 'manifest.json'} (rebuild the index)")
+        if not path.is_file():
+            raise StoreError(f"index file missing: {path}")
+        size = path.stat().st_size
+        self._check_digest(path, size, sha256_file(path) if size == expected.get("bytes") else "", expected)
+        return path
+
+    @staticmethod
+    def _check_digest(path: Path, size: int, digest: str, expected: dict[str, Any]) -> None:
+        if size != expected.get("bytes"):
+            raise StoreError(f"{path}: {size} bytes, the manifest records {expected.get('bytes')} "
+                             "(truncated or changed after the index was built; rebuild it)")
+        if digest != expected.get("sha256"):
+            raise StoreError(f"{path}: SHA-256 does not match the manifest (damaged or changed after the "
+                             "index was built; rebuild it)")
+
+    def _read_json(self, name: str) -> dict:
+        path = self.folder / name
+        data = self._verified_bytes(name)
+        try:
+            return json.loads(data.decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise StoreError(f"{path}: not valid JSON") from None
 
     def _read_tensors(self, name: str) -> dict[str, np.ndarray]:
         from safetensors import SafetensorError
-        from safetensors.numpy import load_file
+        from safetensors.numpy import load
 
         path = self.folder / name
-        if not path.is_file():
-            raise StoreError(f"index file missing: {path}")
+        data = self._verified_bytes(name)
         try:
-            return load_file(str(path))
+            return load(data)
         except (SafetensorError, OSError, ValueError) as e:
             raise StoreError(f"{path}: cannot read embeddings ({e.__class__.__name__})") from None
 
@@ -227,8 +302,8 @@ class IndexReader:
         where = self.folder
         if counts.get("images") != n or counts.get("captions") != m:
             raise StoreError(f"{where}: manifest counts {counts} do not match items.json ({n} images, {m} captions)")
-        if len(self.image_paths) != n or len(self.captions) != n:
-            raise StoreError(f"{where}/items.json: image ids, paths and captions have different lengths")
+        if len(self.image_paths) != n or len(self.captions) != n or len(self.image_sha256) != n:
+            raise StoreError(f"{where}/items.json: image ids, paths, hashes and captions have different lengths")
         if len(self.caption_image) != m or (m and (self.caption_image.min() < 0 or self.caption_image.max() >= n)):
             raise StoreError(f"{where}/items.json: caption_image does not map {m} captions to {n} images")
         dim = self.manifest.get("dim")
@@ -241,7 +316,7 @@ class IndexReader:
     def _searcher(self, key: str, matrix: np.ndarray) -> VectorIndex:
         if self.backend == "exact":
             return ExactIndex.from_vectors(matrix, copy=False)
-        index = load_backend(self.backend, self.folder / FAISS_FILES[key])
+        index = load_backend(self.backend, self._verify_file(FAISS_FILES[key]))
         if index.ntotal != len(matrix) or index.dim != matrix.shape[1]:
             raise StoreError(f"{self.folder / FAISS_FILES[key]}: holds {index.ntotal} x {index.dim} vectors, "
                              f"expected {len(matrix)} x {matrix.shape[1]}")
@@ -257,6 +332,10 @@ class IndexReader:
         return str(self.manifest.get("model_fingerprint"))
 
     @property
+    def data_fingerprint(self) -> str:
+        return str(self.manifest.get("data_fingerprint"))
+
+    @property
     def run_dir(self) -> str | None:
         return self.manifest.get("run_dir")
 
@@ -269,7 +348,7 @@ class IndexReader:
             return
         got = encoder.fingerprint()
         if got != self.fingerprint:
-            raise StoreError(f"{self.folder}: index was built with model {self.fingerprint}, "
+            raise StoreError(f"{self.folder / 'manifest.json'}: index was built with model {self.fingerprint}, "
                              f"the query encoder is {got} (rebuild the index or pass the matching run)")
         self._verified = encoder
 
@@ -279,6 +358,24 @@ class IndexReader:
         if pos is None:
             raise DataError(f"unknown image id '{image_id}'")
         return self.image_paths[pos]
+
+    def image_bytes(self, image_id: str, max_bytes: int | None = None) -> bytes:
+        """The bytes of an indexed image, only while they still hash to the SHA-256 recorded at build.
+
+        Reading, checking and returning the same bytes leaves no window for the file to be swapped
+        between the check and the use.
+        """
+        path = self.image_path(image_id)
+        try:
+            with open(path, "rb") as f:
+                data = f.read(max_bytes + 1) if max_bytes is not None else f.read()
+        except OSError:
+            raise DataError(f"image file for id '{image_id}' is missing on the server") from None
+        if max_bytes is not None and len(data) > max_bytes:
+            raise DataError(f"image file for id '{image_id}' is larger than {max_bytes} bytes")
+        if hashlib.sha256(data).hexdigest() != self.image_sha256[self.positions[image_id]]:
+            raise DataError(f"image file for id '{image_id}' changed since the index was built")
+        return data
 
 
 def load_index(folder: str | Path) -> IndexReader:

@@ -46,7 +46,7 @@ class NotAnImageError(QueryError):
 
 
 class ImageTooLargeError(QueryError):
-    """An image with more pixels than :data:`MAX_PIXELS`."""
+    """An image with more pixels than :data:`MAX_PIXELS` (a decompression bomb included)."""
 
 
 def image_url(image_id: str) -> str:
@@ -71,22 +71,34 @@ def check_k(k: Any, max_k: int | None = None) -> int:
     return k_int
 
 
-def _decode(fh: Any, name: str) -> Image.Image:
+def _decode(fh: Any, name: str, max_pixels: int) -> Image.Image:
     with warnings.catch_warnings():
         # Pillow only warns about moderate decompression bombs; make that an error too.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(fh) as img:
+        try:
+            img_cm = Image.open(fh)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            # Pillow's own check, from the header, for images far above any sane size.
+            raise ImageTooLargeError(f"{name}: image is too large: more than {Image.MAX_IMAGE_PIXELS} pixels "
+                                     f"(a decompression bomb; at most {max_pixels} pixels)") from None
+        with img_cm as img:
             w, h = img.size  # from the header, before any pixel is decoded
-            if w * h > MAX_PIXELS:
+            if w * h > max_pixels:
                 raise ImageTooLargeError(f"{name}: image of {w}x{h} pixels is too large "
-                                         f"(at most {MAX_PIXELS} pixels)")
+                                         f"(at most {max_pixels} pixels)")
             img.load()
             img = ImageOps.exif_transpose(img) or img
             return _to_rgb(img).copy()
 
 
-def open_image(source: str | Path | bytes | Image.Image, name: str = "upload") -> Image.Image:
-    """Decode an image (a path, raw bytes or a PIL image) to RGB; anything else is a :class:`QueryError`."""
+def open_image(source: str | Path | bytes | Image.Image, name: str = "upload",
+               max_pixels: int | None = None) -> Image.Image:
+    """Decode an image (a path, raw bytes or a PIL image) to RGB; anything else is a :class:`QueryError`.
+
+    The pixel count is checked from the header before anything is decoded: at most ``max_pixels``
+    (default :data:`MAX_PIXELS`), so a few-kilobyte PNG that would decode to gigapixels is refused
+    with :class:`ImageTooLargeError` without allocating its pixels.
+    """
     if isinstance(source, Image.Image):
         return _to_rgb(source)
     if isinstance(source, (str, Path)):
@@ -96,10 +108,12 @@ def open_image(source: str | Path | bytes | Image.Image, name: str = "upload") -
         name, fh = str(path), path
     else:
         fh = io.BytesIO(source)
+    limit = MAX_PIXELS if max_pixels is None else int(max_pixels)
     try:
-        return _decode(fh, name)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as e:
+        return _decode(fh, name, limit)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # raised while decoding frames
+        raise ImageTooLargeError(f"{name}: image is too large (a decompression bomb; at most {limit} pixels)") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         raise NotAnImageError(f"{name}: not a readable image ({e.__class__.__name__})") from None
 
 
@@ -132,12 +146,12 @@ def search_text(index: IndexReader, encoder: Encoder, text: str, k: int = 10) ->
 
 
 def search_image(index: IndexReader, encoder: Encoder, path_or_pil: str | Path | bytes | Image.Image,
-                 k: int = 10, mode: str = "image") -> list[dict]:
+                 k: int = 10, mode: str = "image", max_pixels: int | None = None) -> list[dict]:
     """``mode="image"``: similar images via the USA head; ``mode="caption"``: captions via the cross head."""
     if mode not in ("image", "caption"):
         raise QueryError(f"unknown image search mode '{mode}' (use image or caption)")
     k = check_k(k)
-    img = open_image(path_or_pil)
+    img = open_image(path_or_pil, max_pixels=max_pixels)
     index.check_encoder(encoder)
     if mode == "image":
         if not index.has_uni:
