@@ -17,3 +17,4 @@ colour_dataset = _fixtures.colour_dataset
 colour_index = _fixtures.colour_index
 make_encoder = _fixtures.make_encoder
 solid = _fixtures.solid
+

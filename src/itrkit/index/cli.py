@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import os
 import sys
 from pathlib import Path
 
@@ -60,13 +62,55 @@ def cmd_serve(args: argparse.Namespace) -> int:
     require("fastapi", "serve", "itrkit serve")
     uvicorn = require("uvicorn", "serve", "itrkit serve")
 
-    from itrkit.serve.app import create_app
-
-    # With --run the model loads now (and must match the index); without, on the first query.
-    app = create_app(args.index, encoder=load_encoder(args.run) if args.run else None)
-    print(f"serving {args.index} on http://{args.host}:{args.port}  (Ctrl-C to stop)", file=sys.stderr)
+    app, token = build_serve_app(args)
+    auth = "bearer token required" if token else "no token: anyone who can reach it may search"
+    print(f"serving {args.index} on http://{args.host}:{args.port}  ({auth}; Ctrl-C to stop)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
     return 0
+
+
+TOKEN_ENV = "ITRKIT_SERVE_TOKEN"
+MIN_TOKEN_CHARS = 16
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1); ``0.0.0.0``, ``::`` and names are not."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def serve_token(args: argparse.Namespace) -> str | None:
+    """The bearer token for ``itrkit serve``; a public bind without one (or --insecure-public) is refused."""
+    from itrkit.errors import ConfigError
+
+    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
+    if token is not None and len(token) < MIN_TOKEN_CHARS:
+        raise ConfigError(f"--token: use at least {MIN_TOKEN_CHARS} characters (e.g. python -c "
+                          "'import secrets; print(secrets.token_urlsafe(24))')")
+    if token is None and not is_loopback(args.host) and not args.insecure_public:
+        raise ConfigError(f"--host {args.host} is not a loopback address: anyone who can reach it could search "
+                          f"and download every indexed photo; pass --token TOKEN (or set {TOKEN_ENV}; clients send "
+                          "Authorization: Bearer TOKEN), or --insecure-public to serve without one")
+    return token
+
+
+def build_serve_app(args: argparse.Namespace):
+    """Everything ``itrkit serve`` checks before it listens: host and token, index integrity, the model."""
+    from itrkit.index.build import load_index
+    from itrkit.serve.app import create_app
+
+    token = serve_token(args)
+    index = load_index(args.index)  # checksums: a damaged index stops here, not at the first query
+    # The model loads now: a missing run or a model that does not match the index is a startup error.
+    encoder = _encoder_for(index, args.run)
+    app = create_app(index, encoder=encoder, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+                     max_pixels=args.max_pixels, max_concurrent=args.max_concurrent,
+                     request_timeout=args.timeout if args.timeout > 0 else None, token=token)
+    return app, token
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -100,10 +144,34 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--run", default=None, help="model run folder (default: the one the index was built with)")
     s.set_defaults(func=cmd_search)
 
+    from itrkit.serve.settings import MAX_CONCURRENT, MAX_UPLOAD_BYTES, REQUEST_TIMEOUT_S
+
     v = sub.add_parser("serve", help="web page and JSON API over an index")
     v.add_argument("--index", required=True)
-    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; anything but loopback needs --token or --insecure-public")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--run", default=None, help="model run folder (default: the one the index was built with)")
+    v.add_argument("--token", default=None,
+                   help=f"require 'Authorization: Bearer TOKEN' on the API and images (or set {TOKEN_ENV}, "
+                        "which keeps it out of the process list)")
+    v.add_argument("--insecure-public", action="store_true", help="allow a non-loopback --host without a token")
+    v.add_argument("--max-concurrent", type=_positive_int, default=MAX_CONCURRENT,
+                   help="requests in flight at once; more are answered 503 with Retry-After")
+    v.add_argument("--timeout", type=float, default=REQUEST_TIMEOUT_S,
+                   help="seconds before a request is answered 503 (408 for an unfinished upload); 0: none")
+    v.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_BYTES / (1024 * 1024))
+    v.add_argument("--max-pixels", type=_positive_int, default=None,
+                   help="largest photo accepted, checked from its header before decoding (default 40 million)")
     v.add_argument("--quiet", action="store_true")
     v.set_defaults(func=cmd_serve)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value

@@ -3,6 +3,27 @@
 
 const $ = (id) => document.getElementById(id);
 const MAX_QUERY = 500;
+const TOKEN_KEY = "itrkit-token";
+// A server started with --token answers 401 until the page sends "Authorization: Bearer <token>".
+let token = sessionStorage.getItem(TOKEN_KEY) || "";
+
+function authHeaders() {
+  return token ? { Authorization: "Bearer " + token } : {};
+}
+
+// <img src> cannot carry a header: with a token, images come through fetch as blob URLs.
+async function loadImage(img, url) {
+  if (!token) {
+    img.src = url;
+    return;
+  }
+  try {
+    const response = await fetch(url, { headers: authHeaders() });
+    if (response.ok) img.src = URL.createObjectURL(await response.blob());
+  } catch (err) {
+    // leave the alt text showing
+  }
+}
 
 function setStatus(text, isError) {
   const el = $("status");
@@ -16,7 +37,7 @@ function card(result, rank) {
   fig.className = "card";
 
   const img = document.createElement("img");
-  img.src = result.url;
+  loadImage(img, result.url);
   img.alt = result.captions.length ? result.captions[0] : result.id;
   img.loading = "lazy";
   fig.appendChild(img);
@@ -57,12 +78,22 @@ function show(results, what) {
   setStatus(results.length ? `${results.length} results for ${what}` : `no results for ${what}`);
 }
 
-async function callApi(url, options) {
+async function callApi(url, options, retried) {
   let response;
+  const opts = Object.assign({}, options || {});
+  opts.headers = Object.assign({}, opts.headers || {}, authHeaders());
   try {
-    response = await fetch(url, options);
+    response = await fetch(url, opts);
   } catch (err) {
     throw new Error("the server cannot be reached");
+  }
+  if (response.status === 401 && !retried) {
+    const given = window.prompt("This server needs an access token:");
+    if (given && given.trim()) {
+      token = given.trim();
+      sessionStorage.setItem(TOKEN_KEY, token);
+      return callApi(url, options, true);
+    }
   }
   let body = null;
   try {
