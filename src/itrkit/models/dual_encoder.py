@@ -27,6 +27,7 @@ from itrkit.utils.io import fingerprint as _fp
 class ModelConfig:
     """What to build. Tower specs are those of :func:`itrkit.models.towers.build_tower`."""
 
+    name: str = "dual_encoder"  # the model family (fusion matchers have their own options classes)
     image_tower: str = "efficientnet-lite0"
     text_tower: str = "minilm"
     image_trainable: str = "frozen"  # frozen | all | top:N
@@ -43,6 +44,8 @@ class ModelConfig:
     def validate(self) -> None:
         from itrkit.errors import ConfigError
 
+        if self.name != "dual_encoder":
+            raise ConfigError(f"model.name '{self.name}' is not a model (dual_encoder, or a fusion model: sgr, saf, rerank)")
         if self.trunk not in ("none", "mlp"):
             raise ConfigError(f"model.trunk: unknown trunk '{self.trunk}' (use none or mlp)")
         if self.embed_dim <= 0:

@@ -2,8 +2,8 @@
 
 A fusion matcher scores an (image, caption) pair jointly from image *regions* (grid cells or
 detector regions) and caption *words*, so retrieval cannot be a single matmul: every pair of the
-test set goes through the model. Both families here implement this interface so one trainer
-(``itrkit.train.fusion``) and one evaluation path serve them.
+test set goes through the model. Both families here implement this interface so one training
+task (``itrkit.train.tasks.FusionTask``) and one evaluation path (``itrkit.eval.fusion``) serve them.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-
-from itrkit.eval.retrieval import metrics_from_scores
 
 
 @dataclass
@@ -32,9 +30,16 @@ class FusionBatch:
 class FusionMatcher(nn.Module):
     """Subclasses implement ``encode_images``, ``encode_texts``, ``score`` and ``forward``.
 
-    ``forward(batch)`` returns a dict of ``*_loss`` tensors (open_clip style; the trainer sums
-    them) and may add detached diagnostics under other keys.
+    ``forward(batch)`` returns the tensors the family's loss needs (scores, embeddings); the loss
+    itself lives in :mod:`itrkit.losses`. ``options`` is the model's options dataclass (saved with
+    the model); ``prepare_texts`` tokenises captions with the model's text tower.
     """
+
+    options: Any
+
+    def prepare_texts(self, texts: list[str]) -> dict[str, Tensor]:
+        """Captions → ``{"input_ids": (N, L), "lengths": (N,)}`` with the model's tokenizer."""
+        return self.text_tower.prepare(texts)
 
     def encode_images(self, regions: Tensor) -> Tensor:
         """(N, R, C) raw region features → per-image state consumed by ``score`` (first dim N)."""
@@ -69,9 +74,3 @@ class FusionMatcher(nn.Module):
         finally:
             self.train(was_training)
         return out
-
-    @torch.no_grad()
-    def evaluate(self, regions: Tensor, tokens: Tensor, lengths: Tensor, txt2img: Any,
-                 progress: bool = True) -> dict[str, float]:
-        """SPEC §4 retrieval metrics over a whole split (default: score every pair)."""
-        return metrics_from_scores(self.score_all(regions, tokens, lengths, progress=progress), txt2img)

