@@ -1,4 +1,5 @@
-"""Reports on a tiny dataset of real PNG files: table, t-SNE PNG, retrieval page consistent with R@5."""
+"""Reports on a tiny dataset of real PNG files: table, t-SNE PNG, retrieval page consistent with R@5;
+items people judged relevant framed amber (Flickr8k human judgments)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from PIL import Image
 
 from itrkit.data.records import Caption, Dataset, ImageRecord
 from itrkit.errors import DataError
-from itrkit.eval.report import ReportRun, write_report
+from itrkit.eval.flickr8k_human import CROWDFLOWER_FILE, EXPERT_FILE
+from itrkit.eval.report import ReportRun, write_report, write_retrievals_html
+from itrkit.eval.report_cli import human_judged
 from itrkit.eval.retrieval import evaluate_retrieval
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "cyan", "black"]
@@ -33,7 +36,7 @@ class _Page(HTMLParser):
         if tag == "section" and "query" in cls:
             self.sections.append(("t2i" if "t2i" in cls else "i2t", []))
         elif tag == "div" and "item" in cls:
-            self.sections[-1][1].append("hit" if "hit" in cls else "miss" if "miss" in cls else "?")
+            self.sections[-1][1].append(next((c for c in ("hit", "judged", "miss") if c in cls), "?"))
         elif tag == "img":
             self.srcs.append(a["src"])
 
@@ -110,3 +113,74 @@ def test_bad_runs(tmp_path: Path) -> None:
         write_report([ReportRun("a", {}, img[:3], txt, ds)], tmp_path / "x")
     with pytest.raises(DataError, match="share the file name 'a_b'"):
         write_report([ReportRun("a b", {}, img, txt, ds), ReportRun("a/b", {}, img, txt, ds)], tmp_path / "x")
+
+
+def _expected_frames(img: np.ndarray, txt: np.ndarray, t2i: np.ndarray, judged: set) -> list[tuple[str, list[str]]]:
+    """Every query's top-5 frames, by (cosine desc, index asc), written out (all queries are shown)."""
+    img = img / np.linalg.norm(img, axis=1, keepdims=True)
+    txt = txt / np.linalg.norm(txt, axis=1, keepdims=True)
+    out = []
+    for q in range(len(txt)):
+        s = (img @ txt[q]).astype(np.float32)
+        top = sorted(range(len(img)), key=lambda i: (-s[i], i))[:5]
+        out.append(("t2i", ["hit" if i == t2i[q] else "judged" if (i, q) in judged else "miss" for i in top]))
+    for q in range(len(img)):
+        s = (txt @ img[q]).astype(np.float32)
+        top = sorted(range(len(txt)), key=lambda c: (-s[c], c))[:5]
+        out.append(("i2t", ["hit" if t2i[c] == q else "judged" if (q, c) in judged else "miss" for c in top]))
+    return out
+
+
+def test_items_people_judged_relevant_are_framed_amber_with_a_legend(tmp_path: Path) -> None:
+    ds = _dataset(tmp_path)
+    img, txt = _embeddings(ds, 3, 1.2)
+    # judged relevant: every caption of the next image (and one pair of an image with its own caption,
+    # which must stay green)
+    judged = {(i, int(c)) for i in range(len(ds)) for c in np.flatnonzero(ds.txt2img == (i + 1) % len(ds))}
+    judged.add((0, 0))
+    path = write_retrievals_html(ReportRun("r", {}, img, txt, ds, judged=judged), tmp_path / "p.html")
+    page = _Page()
+    text = path.read_text()
+    page.feed(text)
+    want = _expected_frames(img, txt, ds.txt2img, judged)
+    assert page.sections == want
+    assert any("judged" in h for _, h in want) and any("miss" in h for _, h in want)  # all three frames occur
+    assert 'class="key judged"' in text and f"judged relevant by people ({len(judged)} such pairs)" in text
+    plain = write_retrievals_html(ReportRun("r", {}, img, txt, ds), tmp_path / "q.html").read_text()
+    page = _Page()
+    page.feed(plain)
+    assert page.sections == _expected_frames(img, txt, ds.txt2img, set())  # without judgments: green / red
+    assert 'class="key judged"' not in plain and 'class="key miss"' in plain
+
+
+def test_human_judged_reads_the_flickr8k_files_beside_the_images(tmp_path: Path) -> None:
+    ds = Dataset([ImageRecord(s, tmp_path / "images" / f"{s}.jpg", [Caption(f"{s}.jpg#{k}", "x") for k in range(2)],
+                              split="test") for s in ("a", "b")], name="f8k", validate=False)
+    assert human_judged(ds, "auto") is None  # no annotation files: nothing to frame
+    assert human_judged(ds, "none") is None
+    with pytest.raises(DataError, match=f"{EXPERT_FILE}: Flickr8k expert annotation file not found"):
+        human_judged(ds, tmp_path)
+    (tmp_path / EXPERT_FILE).write_text("a.jpg\tb.jpg#1\t3\t3\t3\nb.jpg\ta.jpg#0\t1\t1\t3\na.jpg\ta.jpg#0\t4\t4\t4\n")
+    (tmp_path / CROWDFLOWER_FILE).write_text("b.jpg\ta.jpg#1\t0.5\t1\t1\n")
+    # expert mean 3 and CrowdFlower half yes are relevant; the own pair is a hit, not a judged item
+    assert human_judged(ds, "auto") == human_judged(ds, tmp_path) == {(0, 3), (1, 1)}
+
+
+def test_human_judged_on_the_real_test_split(shared_data: Path) -> None:
+    from itrkit.data.formats import load_flickr8k
+
+    root = shared_data / "flickr8k"
+    ds = load_flickr8k(root).split("test")
+    got = human_judged(ds, "auto")
+    row = {Path(p).name: i for i, p in enumerate(ds.image_paths)}
+    col = {c: m for m, c in enumerate(ds.caption_ids)}
+    want = set()
+    for line in (root / EXPERT_FILE).read_text().splitlines():
+        im, cap, *sc = line.split("\t")
+        if cap.split("#")[0] != im and sum(map(int, sc)) / 3 >= 3:
+            want.add((row[im], col[cap]))
+    for line in (root / CROWDFLOWER_FILE).read_text().splitlines():
+        im, cap, pct, _, _ = line.split("\t")
+        if cap.split("#")[0] != im and float(pct) >= 0.5:
+            want.add((row[im], col[cap]))
+    assert got == want and len(want) > 1000

@@ -7,7 +7,9 @@
 - ``tsne_<run>.png``: t-SNE of the images and captions of up to 30 image groups (an image and its
   captions share a colour; circles = images, crosses = captions), as the CUSA paper's Figure 4;
 - ``retrievals_<run>.html``: for up to 20 caption queries their top-5 images and for up to 20
-  image queries their top-5 captions, with scores; hits framed green, misses red. Images are
+  image queries their top-5 captions, with scores; hits (the query's own image / caption) framed
+  green, items people judged relevant (``ReportRun.judged``, e.g. the Flickr8k human judgments)
+  amber, other misses red, with a legend. Images are
   linked by their path relative to the page (it opens from disk next to the data), or embedded
   as base64 thumbnails with ``embed_images=True`` or when no relative path exists.
 """
@@ -20,6 +22,7 @@ import io
 import json
 import os
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,9 @@ class ReportRun:
     """One evaluated model: ``img_emb[i]`` ↔ ``dataset.records[i]``, ``txt_emb[m]`` ↔ ``dataset.captions[m]``.
 
     ``metrics`` may be empty: :func:`evaluate_retrieval` is then run on the embeddings.
+    ``judged``: (image index, caption index) pairs that people judged relevant although the
+    caption is another image's (:func:`itrkit.eval.flickr8k_human.judged_pairs`); the retrieval
+    page frames them amber instead of red. None: no human judgments.
     """
 
     name: str
@@ -49,6 +55,7 @@ class ReportRun:
     img_emb: Any
     txt_emb: Any
     dataset: Dataset
+    judged: Collection[tuple[int, int]] | None = None
 
 
 def slug(name: str) -> str:
@@ -117,6 +124,10 @@ h1{font-size:1.4em} h2{font-size:1.15em;margin-top:1.6em}
 .item img{width:160px;height:160px;object-fit:cover;display:block}
 .item.hit{border:4px solid #1a9c3a;background:#eef9f0}
 .item.miss{border:4px solid #d0302b;background:#fdf0ef}
+.item.judged{border:4px solid #e69500;background:#fff6e3}
+.legend .key{display:inline-block;padding:0 .5em;margin-right:.6em;border-radius:3px}
+.key.hit{border:3px solid #1a9c3a;background:#eef9f0} .key.miss{border:3px solid #d0302b;background:#fdf0ef}
+.key.judged{border:3px solid #e69500;background:#fff6e3}
 .item.text{width:200px}
 .score{font-family:monospace;color:#555}
 .missing{width:160px;height:160px;background:#eee;color:#a00;font-size:.75em;overflow:hidden;word-break:break-all}
@@ -147,10 +158,27 @@ def _image_tag(path: Path, page_dir: Path, embed: bool) -> str:
     return f'<img src="data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}" alt="{html.escape(p.name)}">'
 
 
+def _legend(judged: Collection[tuple[int, int]] | None) -> str:
+    keys = ['<span class="key hit">the query\'s own image / caption</span>']
+    if judged is not None:
+        keys.append(f'<span class="key judged">another image\'s, judged relevant by people '
+                    f'({len(judged)} such pairs)</span>')
+    keys.append('<span class="key miss">' + ("neither" if judged is not None else "another image's") + "</span>")
+    return f'<p class="legend">Frames: {"".join(keys)}</p>'
+
+
 def write_retrievals_html(run: ReportRun, path: Path, n_queries: int = 20, top: int = TOP,
                           embed_images: bool = False) -> Path:
-    """Top-``top`` images per caption query and captions per image query; hits green, misses red."""
+    """Top-``top`` images per caption query and captions per image query; hits green, items
+    people judged relevant (``run.judged``) amber, other misses red."""
     ds = run.dataset
+    judged = set() if run.judged is None else {(int(i), int(c)) for i, c in run.judged}
+
+    def frame(i: int, c: int, own: bool) -> str:
+        if own:
+            return "hit"
+        return "judged" if (i, c) in judged else "miss"
+
     texts, t2i = ds.texts, ds.txt2img
     img_paths = ds.image_paths
     i2t_rank, t2i_rank = ranks(run.img_emb, run.txt_emb, t2i)
@@ -167,7 +195,8 @@ def write_retrievals_html(run: ReportRun, path: Path, n_queries: int = 20, top: 
              f"<style>{_CSS}</style></head><body>",
              f"<h1>{html.escape(run.name)}: top-{top} retrievals</h1>",
              f"<p>{len(ds)} images, {len(texts)} captions ({html.escape(ds.name)}). "
-             + ", ".join(f"{k} {run.metrics[k]:.1f}" for k in DEFAULT_KEYS[:7] if k in run.metrics) + "</p>"]
+             + ", ".join(f"{k} {run.metrics[k]:.1f}" for k in DEFAULT_KEYS[:7] if k in run.metrics) + "</p>",
+             _legend(run.judged)]
     qs = _spread(len(texts), n_queries)
     img, txt = l2_normalize(run.img_emb), l2_normalize(run.txt_emb)
     scores, idx = topk(txt[qs], img, top, normalized=True)
@@ -176,7 +205,7 @@ def write_retrievals_html(run: ReportRun, path: Path, n_queries: int = 20, top: 
         parts.append(f'<section class="query t2i"><div class="q">“{html.escape(texts[q])}” '
                      f'<span class="score">(its image ranks {int(t2i_rank[q]) + 1})</span></div><div class="results">')
         for s, i in zip(sc, ix):
-            cls = "hit" if i == t2i[q] else "miss"
+            cls = frame(int(i), int(q), i == t2i[q])
             parts.append(f'<div class="item {cls}">{thumb(int(i))}<span class="score">{s:.3f}</span> '
                          f'{html.escape(ds.records[i].id)}</div>')
         parts.append("</div></section>")
@@ -188,7 +217,7 @@ def write_retrievals_html(run: ReportRun, path: Path, n_queries: int = 20, top: 
                      f'<span class="score">(best own caption ranks {int(i2t_rank[q]) + 1})</span></div>'
                      f'<div class="results">')
         for s, c in zip(sc, ix):
-            cls = "hit" if t2i[c] == q else "miss"
+            cls = frame(int(q), int(c), t2i[c] == q)
             parts.append(f'<div class="item text {cls}"><span class="score">{s:.3f}</span> {html.escape(texts[c])}</div>')
         parts.append("</div></section>")
     parts.append("</body></html>\n")

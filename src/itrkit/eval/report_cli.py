@@ -1,5 +1,10 @@
 """``itrkit report RUN_DIR... --out DIR``: compare trained runs in a Markdown table, t-SNE figures
-and top-5 retrieval pages (see :mod:`itrkit.eval.report`)."""
+and top-5 retrieval pages (see :mod:`itrkit.eval.report`).
+
+With Flickr8k data the retrieval pages frame the items people judged relevant (the released
+expert / CrowdFlower judgments, :mod:`itrkit.eval.flickr8k_human`) amber: ``--human-judgments``
+``auto`` (default) looks for the annotation files beside the images, a folder names them, ``none``
+turns it off."""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from itrkit.errors import ConfigError
+from itrkit.errors import ConfigError, DataError
 from itrkit.utils.optional import require
 
 
@@ -23,9 +28,36 @@ def _names(runs: list[Path], given: str | None) -> list[str]:
     return names
 
 
+def human_judged(ds: Any, judgments: str | Path | None = "auto") -> set[tuple[int, int]] | None:
+    """(image index, caption index) pairs of ``ds`` people judged relevant although the caption is
+    another image's, or None without judgments.
+
+    ``judgments``: ``"auto"`` (the Flickr8k annotation files beside the images, when present and
+    the captions carry official ``x.jpg#k`` ids; otherwise None), a folder holding them (errors
+    are one line naming the file), or None / ``"none"``.
+    """
+    if judgments is None or str(judgments) == "none":
+        return None
+    from itrkit.eval.flickr8k_human import find_annotations_dir, judged_pairs
+    from itrkit.eval.protocols import flickr8k_names
+
+    if str(judgments) == "auto":
+        folder = find_annotations_dir(ds.image_paths)
+        if folder is None:
+            return None
+        try:
+            names, caps = flickr8k_names(ds)
+        except DataError:  # not official Flickr8k caption ids: nothing the judgments can name
+            return None
+    else:
+        folder = Path(judgments)
+        names, caps = flickr8k_names(ds)
+    return judged_pairs(names, caps, folder)
+
+
 def report_runs(runs: list[str | Path], out: str | Path, data: str | None = None, split: str = "test",
                 names: str | None = None, max_images: int = 0, cache_dir: str | None = None,
-                embed_images: bool = False) -> dict[str, Path]:
+                embed_images: bool = False, human_judgments: str | None = "auto") -> dict[str, Path]:
     """Embed ``split`` with each run's selected model and write the report files into ``out``."""
     from itrkit.data.records import Dataset
     from itrkit.eval.report import ReportRun, write_report
@@ -40,12 +72,14 @@ def report_runs(runs: list[str | Path], out: str | Path, data: str | None = None
         model = load_model(path)
         ds = Dataset.load(data or run_dataset_path(path)).split(split).subset(max_images or None)
         emb = embed_dataset(model, ds, cache_dir)
-        items.append(ReportRun(name, {}, emb["image_embeds"], emb["text_embeds"], ds))
+        items.append(ReportRun(name, {}, emb["image_embeds"], emb["text_embeds"], ds,
+                               judged=human_judged(ds, human_judgments)))
     return write_report(items, out, embed_images=embed_images)
 
 
 def _cmd(a: argparse.Namespace) -> int:
-    files = report_runs(a.runs, a.out, a.data, a.split, a.names, a.max_images, a.cache, a.embed_images)
+    files = report_runs(a.runs, a.out, a.data, a.split, a.names, a.max_images, a.cache, a.embed_images,
+                        a.human_judgments)
     print((Path(a.out) / "report.md").read_text(encoding="utf-8").split("\n## ")[0])
     for key, path in files.items():
         print(f"{key}: {path}")
@@ -62,4 +96,7 @@ def add_parsers(sub: Any) -> None:
     r.add_argument("--max-images", type=int, default=0, help="only the first N images of the split")
     r.add_argument("--cache", default=None, help="tower-feature cache folder")
     r.add_argument("--embed-images", action="store_true", help="embed thumbnails so the page is self-contained")
+    r.add_argument("--human-judgments", default="auto", metavar="DIR|auto|none",
+                   help="frame items people judged relevant amber: the folder of the Flickr8k ExpertAnnotations.txt / "
+                        "CrowdFlowerAnnotations.txt (auto: beside the images, when present)")
     r.set_defaults(func=_cmd)
