@@ -168,13 +168,16 @@ def test_nan_inside_the_file_is_caught(tmp_path: Path) -> None:
     offset = len(raw) - 5 * 4 * 2
     raw[offset + (3 * 4 + 2) * 2: offset + (3 * 4 + 2) * 2 + 2] = np.float16(np.nan).tobytes()
     fp.write_bytes(bytes(raw))
-    s = FeatureStore.open(tmp_path / "a.store")  # cheap open does not scan...
+    with pytest.raises(StoreError) as e:  # the default open verifies the payload checksum...
+        FeatureStore.open(tmp_path / "a.store")
+    assert "fails its checksum in bytes 0…" in _one_line(e) and str(fp) in str(e.value)
+    s = FeatureStore.open(tmp_path / "a.store", verify=False)  # ...an open without it does not scan...
     assert s.rows([0, 1]).shape == (2, 4)
     with pytest.raises(StoreError) as e:  # ...but no read can return the damaged row
         s.lookup(["img000", "img003"])
     assert "non-finite" in _one_line(e) and "'img003'" in str(e.value)
     with pytest.raises(StoreError, match="'img003' \\(row 3\\)"):
-        FeatureStore.open(tmp_path / "a.store", check_finite=True)
+        FeatureStore.open(tmp_path / "a.store", check_finite=True, verify=False)
     with pytest.raises(StoreError, match="fails its checksum"):
         s.verify()
 

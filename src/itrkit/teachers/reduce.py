@@ -234,6 +234,8 @@ class PCA:
         """The PCA a reduced store was projected with (to project new items the same way)."""
         for step in store.reduction or []:
             if step.get("type") == "pca":
+                if callable(getattr(store, "check_side_file", None)):
+                    store.check_side_file(step["file"])  # its sha256 in the store header
                 return cls.load(Path(store.path) / step["file"])
         raise StoreError(f"{store.path} was not reduced with PCA")
 
