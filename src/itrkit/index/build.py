@@ -257,7 +257,7 @@ class IndexReader:
         return data
 
     def _verify_file(self, name: str) -> Path:
-        """Check a file too large or too foreign to hold in memory twice (faiss) by streaming it."""
+        """Check a large file (embeddings, faiss) by streaming it through SHA-256; return its path."""
         path = self.folder / name
         expected = self.manifest["files"].get(name)
         if expected is None:
@@ -287,12 +287,12 @@ class IndexReader:
 
     def _read_tensors(self, name: str) -> dict[str, np.ndarray]:
         from safetensors import SafetensorError
-        from safetensors.numpy import load
+        from safetensors.numpy import load_file
 
-        path = self.folder / name
-        data = self._verified_bytes(name)
+        # Hashed by streaming, then loaded: one copy of a large gallery in memory, not two.
+        path = self._verify_file(name)
         try:
-            return load(data)
+            return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise StoreError(f"{path}: cannot read embeddings ({e.__class__.__name__})") from None
 
