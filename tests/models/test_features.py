@@ -146,3 +146,54 @@ def test_text_features_come_back_in_item_order() -> None:
     with torch.inference_mode():
         for i, t in enumerate(texts):
             np.testing.assert_allclose(feats[i], tower(tower.prepare([t]))[0].numpy(), atol=1e-5)
+
+
+def test_bit_flipped_or_foreign_cache_entry_is_recomputed(images: list[Path], tmp_path: Path, capsys) -> None:
+    tower = build_tower("tiny-image", "image")
+    keys = [p.stem for p in images]
+    good = cached_features(tower, images, keys, cache_dir=tmp_path)
+    path = cache_path(tower, images, keys, cache_dir=tmp_path)
+    raw = bytearray(path.read_bytes())
+    raw[-7] ^= 0x01  # one low mantissa bit of a float32: still finite, loads without complaint
+    path.write_bytes(bytes(raw))
+    counter = _Counter(tower)
+    again = cached_features(tower, images, keys, cache_dir=tmp_path)
+    assert f"cache file {path} damaged, recomputing" in capsys.readouterr().err
+    assert counter.calls == 1 and np.array_equal(good, again)
+    meta_path = path.with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "tower_fingerprint": "0" * 16}))  # a sidecar of another tower
+    cached_features(tower, images, keys, cache_dir=tmp_path)
+    assert counter.calls == 2 and "damaged" in capsys.readouterr().err
+    meta = json.loads(meta_path.read_text())
+    del meta["sha256"]  # an entry written before the checksum was recorded: still read
+    meta_path.write_text(json.dumps(meta))
+    assert np.array_equal(cached_features(tower, images, keys, cache_dir=tmp_path), good) and counter.calls == 2
+
+
+def test_interrupted_cache_fill_resumes_from_its_shards(images: list[Path], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import itrkit.models.features as features
+
+    monkeypatch.setattr(features, "SHARD_ITEMS", 2)  # shards of one batch of 2
+    tower = build_tower("tiny-image", "image")
+    keys = [p.stem for p in images]
+    want = cached_features(tower, images, keys, cache_dir=tmp_path / "full", batch_size=2)
+    real = tower.forward
+    calls = [0]
+
+    def forward(inputs):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt  # Ctrl-C during the third batch
+        return real(inputs)
+
+    tower.forward = forward
+    with pytest.raises(KeyboardInterrupt):
+        cached_features(tower, images, keys, cache_dir=tmp_path / "cut", batch_size=2)
+    path = cache_path(tower, images, keys, cache_dir=tmp_path / "cut")
+    assert not path.exists() and len(list(path.with_suffix(".partial").glob("shard-*"))) == 2
+    got = cached_features(tower, images, keys, cache_dir=tmp_path / "cut", batch_size=2)
+    assert calls[0] == 4 and np.array_equal(got, want)  # only the third (last) batch was computed again
+    assert path.read_bytes() == cache_path(tower, images, keys, cache_dir=tmp_path / "full").read_bytes()
+    assert not path.with_suffix(".partial").exists()

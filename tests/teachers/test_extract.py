@@ -176,3 +176,77 @@ def test_teach_with_registry_towers(tmp_path: Path, capsys: pytest.CaptureFixtur
     with pytest.raises(ConfigError, match="pools tokens"):
         teach(ds, "tiny-image", None, tmp_path / "other", reduction={"image": "mean"})
     assert not (tmp_path / "other" / "image.store").exists()
+
+
+def _interrupting(stop_at: int) -> CharTower:
+    """A CharTower whose ``stop_at``-th forward call raises KeyboardInterrupt (a Ctrl-C)."""
+    tower = CharTower()
+    real = tower.forward
+
+    def forward(inputs: torch.Tensor) -> torch.Tensor:
+        if tower.calls + 1 == stop_at:
+            raise KeyboardInterrupt
+        return real(inputs)
+
+    tower.forward = forward
+    return tower
+
+
+TEXTS40 = [f"{t} {k} {'x' * (k % 7)}" for k in range(4) for t in TEXTS]
+
+
+@pytest.mark.parametrize("reduction", [None, "pca:3"])
+def test_interrupted_extraction_resumes_to_the_same_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str], reduction) -> None:
+    import itrkit.teachers.store as store_mod
+    from itrkit.teachers.store import partial_path
+
+    monkeypatch.setattr(store_mod, "SHARD_ITEMS", 8)  # shards of two batches of 4
+    ids = [f"c{i}" for i in range(len(TEXTS40))]
+    kw = dict(batch_size=4, reduction=reduction, pca_sample=12, progress=False)
+    full = extract_teacher(CharTower(), TEXTS40, ids, tmp_path / "full.store", "text", **kw)
+    # With PCA: 12 sample items (3 calls, one shard) first, then 28 items in 7 batches of 4.
+    cut = _interrupting(stop_at=7)
+    with pytest.raises(KeyboardInterrupt):
+        extract_teacher(cut, TEXTS40, ids, tmp_path / "cut.store", "text", **kw)
+    assert "run the same command again to continue" in capsys.readouterr().err
+    assert partial_path(tmp_path / "cut.store").is_dir() and not (tmp_path / "cut.store").exists()
+    again = CharTower()
+    store = extract_teacher(again, TEXTS40, ids, tmp_path / "cut.store", "text", **kw)
+    kept = 20 if reduction else 24  # the shards finished in the 6 calls before the cut: 12 + 8, or 3 × 8
+    assert again.calls == (40 - kept) // 4 and f"({kept} of 40 items) kept" in capsys.readouterr().err
+    for name in ["features.npy", "ids.json"] + (["pca.safetensors"] if reduction else []):
+        assert (tmp_path / "full.store" / name).read_bytes() == (tmp_path / "cut.store" / name).read_bytes()
+    drop = ("created", "extraction")
+    assert {k: v for k, v in store.header.items() if k not in drop} == \
+        {k: v for k, v in full.header.items() if k not in drop}
+    assert not partial_path(tmp_path / "cut.store").exists()
+
+
+def test_resume_refuses_a_second_writer_and_ignores_another_jobs_partial(tmp_path: Path) -> None:
+    from itrkit.teachers.store import StoreWriter, partial_path
+
+    ids = [f"c{i}" for i in range(len(TEXTS))]
+    rows = [np.arange(0, 5), np.arange(5, 10)]
+    w = StoreWriter(tmp_path / "a.store", ids, 8, "t", "text", job="job-1", groups=[[r] for r in rows])
+    with pytest.raises(StoreError, match="being written by another process"):
+        StoreWriter(tmp_path / "a.store", ids, 8, "t", "text", job="job-1", groups=[[r] for r in rows])
+    w.write_rows(rows[0], np.ones((5, 8)))
+    w.abort(KeyboardInterrupt())
+    assert partial_path(tmp_path / "a.store").is_dir()
+    same = StoreWriter(tmp_path / "a.store", ids, 8, "t", "text", job="job-1", groups=[[r] for r in rows])
+    assert same.done_units == {0} and same.resumed_rows == 5
+    same.abort(KeyboardInterrupt())
+    other = StoreWriter(tmp_path / "a.store", ids, 8, "t", "text", job="job-2", groups=[[r] for r in rows])
+    assert other.done_units == set() and other.resumed_rows == 0  # another job: started afresh
+    other.abort(RuntimeError("boom"))  # a real error removes the partial folder
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_teach_refuses_a_store_of_other_captions_under_the_same_ids(tmp_path: Path) -> None:
+    ds = _dataset(tmp_path)
+    teach(ds, None, "tiny-text", tmp_path / "teachers")
+    old = ds.records[2].captions[0]
+    ds.records[2].captions[0] = Caption(old.id, "an edited caption")
+    with pytest.raises(StoreError, match="made from other captions under the same ids"):
+        teach(ds, None, "tiny-text", tmp_path / "teachers")

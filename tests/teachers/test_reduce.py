@@ -89,7 +89,15 @@ def test_pca_save_load_and_errors(tmp_path: Path) -> None:
     p = PCA(2).fit(x)
     p.save(tmp_path / "pca.safetensors")
     q = PCA.load(tmp_path / "pca.safetensors")
-    assert torch.equal(p.transform(x), q.transform(x)) and q.n_seen == 20
+    assert torch.equal(p.transform(x), q.transform(x)) and q.n_seen == 20 and q.total_var == p.total_var
+    from safetensors.torch import save_file
+
+    save_file(p.state(), str(tmp_path / "old.safetensors"),  # the two-key metadata of earlier versions
+              metadata={"n_seen": str(p.n_seen), "total_var": repr(p.total_var)})
+    old = PCA.load(tmp_path / "old.safetensors")
+    assert (old.n_seen, old.total_var) == (20, p.total_var)
+    p.save(tmp_path / "again.safetensors")  # one metadata key: the same bytes on every save
+    assert (tmp_path / "again.safetensors").read_bytes() == (tmp_path / "pca.safetensors").read_bytes()
     with pytest.raises(ConfigError, match="needs at least"):
         PCA(6).fit(x)
     with pytest.raises(ConfigError, match="fitted on dimension 5"):

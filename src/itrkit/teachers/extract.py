@@ -225,9 +225,7 @@ def extract_teacher(encoder: nn.Module | Callable[[list[Any]], Any], items: Sequ
                 if writer is None:
                     writer = open_writer(projected.shape[1])
                 assert reducer.pca is not None
-                writer.save_tensors("pca.safetensors", reducer.pca.state(),
-                                    metadata={"n_seen": str(reducer.pca.n_seen),
-                                              "total_var": repr(reducer.pca.total_var)})
+                writer.save_tensors("pca.safetensors", reducer.pca.state(), metadata=reducer.pca.metadata())
                 save_state()
                 writer.write_rows(np.concatenate(rows), projected)
         todo = [b for k, b in enumerate(rest_batches) if k + n_lead not in done]

@@ -19,6 +19,7 @@ flattened.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -187,6 +188,12 @@ class PCA:
             raise ConfigError(f"PCA fitted on dimension {self.input_dim}, got {x.shape[-1]}")
         return (x - self.mean) @ self.components.T
 
+    def metadata(self) -> dict[str, str]:
+        """The fit's counts as safetensors metadata: one key, because safetensors writes a
+        several-key metadata map in a per-process random order (the file's bytes would differ
+        between two identical runs)."""
+        return {"pca": json.dumps({"n_seen": self.n_seen, "total_var": repr(self.total_var)}, sort_keys=True)}
+
     def state(self) -> dict[str, torch.Tensor]:
         assert self.components is not None and self.mean is not None and self.singular_values is not None
         return {"mean": self.mean, "components": self.components, "singular_values": self.singular_values}
@@ -197,8 +204,7 @@ class PCA:
         from itrkit.utils.io import atomic_path
 
         with atomic_path(path) as tmp:
-            save_file({k: v.contiguous() for k, v in self.state().items()}, str(tmp),
-                      metadata={"n_seen": str(self.n_seen), "total_var": repr(self.total_var)})
+            save_file({k: v.contiguous() for k, v in self.state().items()}, str(tmp), metadata=self.metadata())
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], n_seen: int = 0, total_var: float = 0.0) -> PCA:
@@ -227,6 +233,11 @@ class PCA:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:  # safetensors raises its own error types for damaged files
             raise StoreError(f"{path}: damaged PCA file ({type(e).__name__})") from None
+        if "pca" in meta:  # the one-key form; files written before it have the two keys directly
+            try:
+                meta = json.loads(meta["pca"])
+            except ValueError:
+                raise StoreError(f"{path}: damaged PCA metadata") from None
         return cls.from_state(tensors, int(meta.get("n_seen", 0)), float(meta.get("total_var", 0.0)))
 
     @classmethod
