@@ -23,7 +23,7 @@ from itrkit.eval.flickr8k_human import (
 
 
 # --------------------------------------------------------------------------------------------
-# The slow reference: the SPEC §4 definitions written out
+# The slow reference: the docs/method.md §4.5 definitions written out
 # --------------------------------------------------------------------------------------------
 def _read(path: Path) -> list[list[str]]:
     return [line.split("\t") for line in path.read_text().splitlines() if line.strip()]
@@ -179,7 +179,7 @@ def test_real_files_equal_the_slow_reference(f8k_test: dict) -> None:
     assert len(d["names"]) == 1000 and len(d["caps"]) == 5000
     got = evaluate_flickr8k_human(d["img"], d["txt"], d["names"], d["caps"], d["dir"])
     ref = _reference(d["img"], d["txt"], d["names"], d["caps"], d["dir"])
-    # the counts SPEC §4 states: 5,664 cross-image expert pairs × 3, 47,109 CrowdFlower pairs
+    # the counts docs/method.md §4.5 states: 5,664 cross-image expert pairs × 3, 47,109 CrowdFlower pairs
     assert ref["expert_entries"] == 16992 and got["f8k_expert_pairs"] == 5664
     assert ref["cf_judgments"] == 142685 and got["f8k_cf_pairs"] == 47109
     assert got["f8k_skipped_pairs"] == ref["skipped"] == 0

@@ -21,7 +21,7 @@ from tests.eval._vectors import exact_unit_vectors
 
 
 def _reference_ranks(S: np.ndarray, t2i: np.ndarray) -> tuple[list[int], list[int]]:
-    """Ranks by the SPEC definition, one query at a time."""
+    """Ranks by the docs/method.md §4.1 definition, one query at a time."""
     n, m = S.shape
     i2t = []
     for i in range(n):

@@ -118,4 +118,4 @@ def test_all_minilm_l6_v2_on_stsb_test(shared_data: Path) -> None:
     model = SentenceTransformer(str(gt.get_model_path()), device="cpu")
     got = evaluate_sts(lambda s: model.encode(s, batch_size=64), shared_data / "sts", tasks=("stsb",))
     print(f"all-MiniLM-L6-v2 STS-B test Spearman: {got['sts_stsb']:.2f}")
-    assert got["sts_stsb"] == pytest.approx(82.0, abs=0.5)  # SPEC §2
+    assert got["sts_stsb"] == pytest.approx(82.0, abs=0.5)  # docs/method.md §2.5

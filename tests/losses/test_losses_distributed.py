@@ -1,4 +1,4 @@
-"""Two gloo ranks holding B/2 rows each reproduce one process on B rows (SPEC §1 Distributed).
+"""Two gloo ranks holding B/2 rows each reproduce one process on B rows (docs/method.md §1.9).
 
 Every rank gathers its features with gradient (ids, labels and teacher features without) and
 computes the loss over the global batch. The loss must equal the one-process loss; a rank's

@@ -1,6 +1,6 @@
 """Caption-file loaders: every public format → one :class:`~itrkit.data.records.Dataset`.
 
-Formats (SPEC §3): Karpathy JSON (``dataset_flickr30k.json``, ``dataset_coco.json``), COCO
+Formats (docs/method.md §3): Karpathy JSON (``dataset_flickr30k.json``, ``dataset_coco.json``), COCO
 ``captions_*.json``, Flickr8k (official ``Flickr8k.token.txt`` layout and the ``captions.txt`` CSV
 variant), generic CSV / JSONL (``filepath,caption``), the built-in synthetic set, and an already
 prepared folder. Ids are strings everywhere; caption texts are stripped of surrounding whitespace.

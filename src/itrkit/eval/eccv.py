@@ -1,4 +1,4 @@
-"""ECCV Caption and CxC metrics on the COCO 5K test set (SPEC §4).
+"""ECCV Caption and CxC metrics on the COCO 5K test set (docs/method.md §4.4).
 
 ECCV Caption (Chun et al., ECCV 2022) re-annotates COCO 5K with machine-proposed, human-verified
 positives: 1,261 image queries and 1,332 caption queries with many positives each. CxC (Parekh

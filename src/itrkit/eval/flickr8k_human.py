@@ -1,4 +1,4 @@
-"""Flickr8k human judgments: agreement with people and graded (multi-positive) retrieval (SPEC §4).
+"""Flickr8k human judgments: agreement with people and graded (multi-positive) retrieval (docs/method.md §4.5).
 
 Hodosh, Young & Hockenmaier (2013) released two sets of judgments on the official 1,000 test
 images, each line ``image.jpg<TAB>caption.jpg#k<TAB>…``:

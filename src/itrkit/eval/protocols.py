@@ -1,4 +1,4 @@
-"""Standard test protocols over :func:`itrkit.eval.retrieval.evaluate_retrieval` (SPEC §4).
+"""Standard test protocols over :func:`itrkit.eval.retrieval.evaluate_retrieval` (docs/method.md §4.3).
 
 - ``full``: every image and caption given.
 - ``coco5k``: the same, checked to be 5,000 images (Karpathy's COCO 5K test split).

@@ -23,7 +23,7 @@ def make_rerank(score_pairs: PairScorer, k: int, batch_size: int = 512, progress
     """A ``rerank`` callback for :func:`itrkit.eval.retrieval.evaluate_retrieval` from any pair scorer.
 
     For each query row of a block, the ``k`` best candidates by the first-stage score (ties: lower
-    gallery index first, the SPEC §4 rule) are re-scored with ``score_pairs(img_idx, txt_idx)``
+    gallery index first, the docs/method.md §4.1 rule) are re-scored with ``score_pairs(img_idx, txt_idx)``
     (image and caption indices of the split, whatever the direction) in batches of ``batch_size``
     pairs, and ordered by that score (ties: lower gallery index first) above all other candidates,
     which keep their first-stage order. The returned row values encode this final order exactly:

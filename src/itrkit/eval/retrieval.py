@@ -1,4 +1,4 @@
-"""Cross-modal retrieval metrics (SPEC §4), computed in chunks so memory stays bounded.
+"""Cross-modal retrieval metrics (docs/method.md §4), computed in chunks so memory stays bounded.
 
 i2t rank of image n: the best (lowest) 0-based rank among its captions in row n's descending
 scores; t2i rank of caption m: the rank of its image. Ties: a candidate with an equal score and a
@@ -246,7 +246,7 @@ def metrics_from_ranks(i2t: np.ndarray, t2i: np.ndarray, ks: tuple[int, ...] = K
 
 
 def metrics_from_scores(scores: Any, txt2img: Any) -> dict[str, float]:
-    """SPEC §4 metrics from a precomputed N×M image-caption score matrix (e.g. a fusion matcher's,
+    """docs/method.md §4 metrics from a precomputed N×M image-caption score matrix (e.g. a fusion matcher's,
     whose scores are not cosines of embeddings). Same ranks and tie rule as ``evaluate_retrieval``."""
     s = scores.detach() if isinstance(scores, torch.Tensor) else torch.as_tensor(np.asarray(scores))
     s = s.to(device="cpu", dtype=torch.float32)
@@ -271,7 +271,7 @@ def evaluate_retrieval(img_emb: Any, txt_emb: Any, txt2img: Any, chunk_size: int
                        rerank: Rerank | None = None, rerank_k: int = 0,
                        score_pairs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                        ) -> dict[str, float]:
-    """R@1/5/10 both ways, RSUM, MedR, MnR (SPEC §4). Embeddings are L2-normalised inside.
+    """R@1/5/10 both ways, RSUM, MedR, MnR (docs/method.md §4.2). Embeddings are L2-normalised inside.
 
     ``txt2img[m]`` is caption m's image index; every image needs ≥ 1 caption. ``rerank``
     (optional) rescores each block of query rows before ranking: ``rerank(scores, query_idx,

@@ -1,4 +1,4 @@
-"""Semantic textual similarity: Spearman ×100 of cosine similarities (SPEC §4, CUSA Table 3).
+"""Semantic textual similarity: Spearman ×100 of cosine similarities (docs/method.md §4.6, CUSA Table 3).
 
 Test sets, read in place from a folder laid out as SentEval's ``data/downstream/STS``:
 

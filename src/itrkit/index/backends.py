@@ -3,7 +3,7 @@
 Every backend answers ``search(queries, k) -> (scores [Q, k], indices [Q, k])`` with rows sorted
 by descending score. ``k`` larger than the number of stored vectors is clamped to it, so no
 backend ever returns padding (faiss's ``-1``). Embeddings are L2-normalised upstream, so the inner
-product is the cosine similarity used for retrieval (SPEC §3).
+product is the cosine similarity used for retrieval (docs/method.md §4.1).
 
 Ties in the exact backend follow the evaluation rule: equal scores rank the lower index first.
 """

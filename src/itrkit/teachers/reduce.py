@@ -2,7 +2,7 @@
 
 The paper's image teacher (Unicom ViT-B/32) gives 49 patch tokens × 768 = 37,632 values per
 image; the authors kept them all (a 15.9 GB pickled dict for COCO). Soft labels only need the
-teacher's cosine similarities (SPEC §1, ``softmax(cos(t, t)/τ)``), which pooling and PCA keep
+teacher's cosine similarities (docs/method.md §1.3, ``softmax(cos(t, t)/τ)``), which pooling and PCA keep
 largely intact at a small fraction of the size.
 
 Reduction specs (strings, joined with ``+``; applied left to right)::
