@@ -54,6 +54,25 @@ def test_round_trip_equals_fp16_rounding(tmp_path: Path) -> None:
     assert h["format"] == "itrkit-store/1" and h["count"] == 37 and h["dim"] == 12 and h["dtype"] == "float16"
     assert h["source"] == "unit" and len(h["sha256"]) == 64 and h["teacher"]["name"] == "unit-teacher"
     assert (tmp_path / "a.store" / FEATURES).stat().st_size < 37 * 12 * 2 + 256  # float16 on disk
+    assert h["checksums"] == {"algo": "sha256", "chunk_bytes": store_mod.CHECK_CHUNK, "chunks": [h["sha256"]]}
+
+
+def test_chunk_checksums_name_the_damaged_range(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+
+    monkeypatch.setattr(store_mod, "CHECK_CHUNK", 256)
+    _write(tmp_path / "a.store", np.ones((37, 12), dtype=np.float32))
+    fp = tmp_path / "a.store" / FEATURES
+    raw = bytearray(fp.read_bytes())
+    h = json.loads((tmp_path / "a.store" / "header.json").read_text())
+    want = [hashlib.sha256(raw[a:a + 256]).hexdigest() for a in range(0, len(raw), 256)]  # slow reference
+    assert h["checksums"]["chunk_bytes"] == 256 and h["checksums"]["chunks"] == want and len(want) == 4
+    assert h["sha256"] == hashlib.sha256(raw).hexdigest()
+    raw[600] ^= 0x01
+    fp.write_bytes(bytes(raw))
+    with pytest.raises(StoreError, match="fails its checksum in bytes 512…768") as e:
+        FeatureStore.open(tmp_path / "a.store")
+    _one_line(e)
 
 
 def test_float32_store_is_exact(tmp_path: Path) -> None:

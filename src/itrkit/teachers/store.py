@@ -185,9 +185,10 @@ def _chunk_digest(fd: int, start: int, size: int) -> str:
     return _hash_range(fd, start, size, hashlib.sha256()).hexdigest()
 
 
-def payload_checksums(path: Path, chunk: int = CHECK_CHUNK) -> tuple[str, list[str]]:
-    """Whole-file SHA-256 and the SHA-256 of each ``chunk`` bytes, in one read of the file: the
-    chunk digests run in a thread beside the whole-file digest (both release the GIL)."""
+def payload_checksums(path: Path, chunk: int | None = None) -> tuple[str, list[str]]:
+    """Whole-file SHA-256 and the SHA-256 of each ``chunk`` bytes (default :data:`CHECK_CHUNK`):
+    the chunk digests run in a thread beside the whole-file digest (both release the GIL)."""
+    chunk = int(chunk or CHECK_CHUNK)
     whole = hashlib.sha256()
     size = path.stat().st_size
     fd = os.open(path, os.O_RDONLY)
@@ -563,14 +564,15 @@ class StoreWriter:
             os.close(self._fd)
             self._fd = None
             (self._tmp / IDS).write_text(json.dumps(self.ids), encoding="utf-8")
-            whole, chunks = payload_checksums(self._tmp / FEATURES)
+            chunk = CHECK_CHUNK
+            whole, chunks = payload_checksums(self._tmp / FEATURES, chunk)
             extra = {k: v for k, v in self.extra.items() if k != "resumed_rows"}
             header = {
                 "format": FORMAT, "teacher": self.teacher, "kind": self.kind, "dim": self.dim,
                 "count": len(self.ids), "dtype": self.dtype, "ids_fingerprint": fingerprint(self.ids),
                 "reduction": self.reduction, "source": self.source,
                 "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-                "sha256": whole, "checksums": {"algo": "sha256", "chunk_bytes": CHECK_CHUNK, "chunks": chunks},
+                "sha256": whole, "checksums": {"algo": "sha256", "chunk_bytes": chunk, "chunks": chunks},
                 "files": self._files, "file_sha256": {f: self._file_sums[f] for f in self._files}, **extra,
             }
             atomic_write_json(self._tmp / HEADER, header)
