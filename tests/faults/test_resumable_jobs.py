@@ -29,16 +29,20 @@ def hit():
     count[0] += 1
     if count[0] == n:
         os.kill(os.getpid(), signal.SIGKILL)
-if mode in ("after-shard", "mid-shard"):
-    orig = store.StoreWriter._account
+if mode == "after-shard":
+    orig = store.StoreWriter._hash_rows  # runs in the writer's background thread
+    def hash_rows(self, s, cast, complete):
+        orig(self, s, cast, complete)
+        if complete:
+            hit()
+    store.StoreWriter._hash_rows = hash_rows
+if mode == "mid-shard":
+    orig = store.StoreWriter._account  # called once the write's rows are in the file
     def account(self, rows, cast):
-        if mode == "mid-shard":
-            hit()
-        before = len(self._shard_done)
+        hit()
         orig(self, rows, cast)
-        if mode == "after-shard" and len(self._shard_done) > before:
-            hit()
     store.StoreWriter._account = account
+if mode in ("after-shard", "mid-shard"):
     from itrkit.cli import main
     sys.exit(main(argv))
 orig_save = features._Partial.save

@@ -286,6 +286,8 @@ class StoreWriter:
         self._stack = contextlib.ExitStack()
         self._fd: int | None = None
         self._lock_fd: int | None = None
+        self._bg: concurrent.futures.ThreadPoolExecutor | None = None  # shard hashing + manifest writes
+        self._bg_jobs: list[concurrent.futures.Future] = []
         self.job = job
         self.done_units: set[int] = set()
         self.resumed_rows = 0
@@ -441,18 +443,48 @@ class StoreWriter:
         })
 
     def _account(self, rows: np.ndarray, cast: np.ndarray) -> None:
-        """Add one write (rows sorted) to its shard; a completed shard goes into the manifest."""
+        """Add one write (rows sorted) to its shard; a completed shard goes into the manifest.
+
+        The hashing and the manifest write run in one background thread, in order (hashlib
+        releases the GIL), so the extraction loop does not wait for them; at most a few writes
+        are queued (bounded memory)."""
         s = int(self._row_shard[rows[0]])
         if not (self._row_shard[rows] == s).all():
             raise StoreError(f"store {self.path}: one write spans two shards (write whole units, see StoreWriter)")
-        if s in self._shard_done:
-            raise StoreError(f"store {self.path}: rows of an already finished shard written again "
-                             f"(id '{self.ids[int(rows[0])]}')")
-        self._shard_hash[s].update(memoryview(cast).cast("B"))
+        if self._shard_count[s] + len(rows) > self._shard_rows[s] or s in self._shard_done:
+            raise StoreError(f"store {self.path}: rows of shard {s} written twice (id '{self.ids[int(rows[0])]}')")
         self._shard_count[s] += len(rows)
-        if self._shard_count[s] == self._shard_rows[s]:
+        self._in_background(self._hash_rows, s, cast, bool(self._shard_count[s] == self._shard_rows[s]))
+
+    def _hash_rows(self, s: int, cast: np.ndarray, complete: bool) -> None:
+        self._shard_hash[s].update(memoryview(cast).cast("B"))
+        if complete:
             self._shard_done[s] = self._shard_hash[s].hexdigest()
             self._write_manifest()
+
+    def _in_background(self, fn: Any, *args: Any) -> None:
+        if self._bg is None:
+            self._bg = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-shards")
+        while len(self._bg_jobs) >= 4:
+            self._bg_jobs.pop(0).result()  # re-raises a failure of the background work here
+        pending = []
+        for f in self._bg_jobs:
+            if f.done():
+                f.result()
+            else:
+                pending.append(f)
+        self._bg_jobs = [*pending, self._bg.submit(fn, *args)]
+
+    def _drain(self) -> None:
+        """Wait for the queued hashing / manifest writes (re-raising their errors)."""
+        jobs, self._bg_jobs = self._bg_jobs, []
+        try:
+            for f in jobs:
+                f.result()
+        finally:
+            if self._bg is not None:
+                self._bg.shutdown(wait=True)
+                self._bg = None
 
     @property
     def shards_done(self) -> int:
@@ -536,7 +568,7 @@ class StoreWriter:
             self._files.append(name)
         self._file_sums[name] = sha256_file(self._tmp / name)
         if self.job is not None:
-            self._write_manifest()
+            self._in_background(self._write_manifest)
 
     # --- finishing -------------------------------------------------------------------------------
     def close_extraction(self, seconds: float, batch_size: int, computed: int | None = None) -> FeatureStore:
@@ -560,6 +592,7 @@ class StoreWriter:
                 raise StoreError(f"store {self.path}: {len(missing)} of {len(self.ids)} rows were never written "
                                  f"(first: id '{self.ids[missing[0]]}')")
             assert self._fd is not None
+            self._drain()
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = None
@@ -613,10 +646,13 @@ class StoreWriter:
 
         A resumable write interrupted by ``KeyboardInterrupt`` keeps its folder: the same command
         run again continues from the finished shards."""
+        err = exc if exc is not None else StoreError(f"store {self.path}: aborted")
+        if self._bg is not None:
+            with contextlib.suppress(Exception):  # finish recording the shards already written
+                self._drain()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        err = exc if exc is not None else StoreError(f"store {self.path}: aborted")
         if self.job is not None:
             if isinstance(err, KeyboardInterrupt) and self._tmp.is_dir():
                 print(f"interrupted: {self.shards_done} of {self.n_shards} shards of {self.path} are kept in "
