@@ -114,3 +114,26 @@ def clip_run(clip_folder: Path, tmp_path_factory) -> tuple[Path, DualEncoder]:
     run = save_run(model.eval(), tmp_path_factory.mktemp("clip-run"))
     (run / "metrics.json").write_text(json.dumps({"temperatures": {"tau": 0.05}}))
     return run, model
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_run(tmp_path_factory) -> tuple[Path, DualEncoder]:
+    """``hf:PATH`` on a tiny random BERT saved to disk: lower-casing tokenizer, cls+mean pooling
+    (two modes concatenated), not normalised; residual trunk and USA heads."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    from itrkit.models.towers import build_tower
+
+    root = tmp_path_factory.mktemp("tiny-bert")
+    words = sorted({w for c in CAPTIONS for w in c.lower().replace(".", " .").split()})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *"abcdefghijklmnopqrstuvwxyz."]
+    (root / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n", encoding="utf-8")
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(dict.fromkeys(vocab)), hidden_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=32, max_position_embeddings=24)).save_pretrained(root)
+    BertTokenizer(str(root / "vocab.txt"), do_lower_case=True).save_pretrained(root)
+    cfg = ModelConfig(image_tower="tiny-image", text_tower=f"hf:{root}", embed_dim=12, trunk="mlp", trunk_hidden=20,
+                      usa_heads=True, usa_dim=10)
+    text = build_tower({"name": f"hf:{root}", "pooling": "mean+cls"}, "text")
+    model = randomise_heads(DualEncoder(build_tower("tiny-image", "image"), text, cfg), seed=4).eval()
+    return save_run(model, tmp_path_factory.mktemp("bert-run")), model

@@ -177,3 +177,24 @@ def test_onnx_export_of_clip_towers_matches_torch(clip_run, tmp_path) -> None:
     sess = ort.InferenceSession(str(out / "text_encoder.onnx"), providers=["CPUExecutionProvider"])
     got = sess.run(None, {"input_ids": enc["input_ids"].numpy(), "attention_mask": enc["attention_mask"].numpy()})[0]
     assert np.abs(got - model.encode_texts(caps)).max() < 1e-4
+
+
+def test_usa_head_of_a_plain_hf_text_tower_exports_alike_to_sentence_transformers_and_onnx(tiny_bert_run,
+                                                                                          tmp_path) -> None:
+    import onnxruntime as ort
+    from sentence_transformers import SentenceTransformer
+
+    run, model = tiny_bert_run
+    assert model.text_tower.pooling == ("mean", "cls") and not model.text_tower.normalize  # concatenated cls first
+    ref = model.encode_texts_uni(CAPTIONS)  # includes a caption longer than max_position_embeddings
+    st = SentenceTransformer(str(export_run(run, "sentence-transformers", tmp_path / "st", head="usa")),
+                             device="cpu", trust_remote_code=True)
+    got = st.encode(CAPTIONS, convert_to_numpy=True)
+    assert got.shape == (len(CAPTIONS), 10) and _cos(got, ref).min() >= 0.9999
+    out = export_run(run, "onnx", tmp_path / "onnx", head="usa")
+    pre = json.loads((out / "preprocess.json").read_text())
+    assert pre["head"] == "usa" and pre["embed_dim"] == 10 and pre["text"]["max_length"] == 24
+    enc = model.text_tower.prepare(CAPTIONS)
+    sess = ort.InferenceSession(str(out / "text_encoder.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input_ids": enc["input_ids"].numpy(), "attention_mask": enc["attention_mask"].numpy()})[0]
+    assert np.abs(got - ref).max() < 1e-4

@@ -21,6 +21,7 @@ from torch import nn
 
 from itrkit.export.common import ExportError, RunInfo, check_head, head_modules, tower_name
 from itrkit.models.dual_encoder import ResidualMLP
+from itrkit.models.hf_text import POOLING_MODES
 
 ST_TOWERS = ("minilm", "st", "hf")
 MODULE_FILE = "itrkit_st_modules.py"
@@ -72,8 +73,9 @@ def export(info: RunInfo, out: Path, head: str, name: str) -> dict[str, Any]:
         tower.tokenizer.save_pretrained(src)
         modules: list[nn.Module] = [
             Transformer(src, max_seq_length=int(tower.max_length), do_lower_case=bool(tower.lowercase)),
+            # itrkit concatenates pooling modes in its fixed order, whatever order the spec names them.
             Pooling(int(tower.model.config.hidden_size),
-                    pooling_mode=tuple(_ST_POOLING[m] for m in tower.pooling)),
+                    pooling_mode=tuple(_ST_POOLING[m] for m in POOLING_MODES if m in tower.pooling)),
         ]
         modules += [_dense(layer) for layer in tower.dense]
         if tower.normalize:
