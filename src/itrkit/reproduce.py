@@ -222,7 +222,7 @@ class Reproduction:
         print(f"[{name}] fusion matcher ({', '.join(ENSEMBLES.get(name, (name,)))})", file=sys.stderr)
         over = [f"data.max_train_images={self.max_train}"] if self.max_train else []
         if self.fusion_epochs:
-            over.append(f"epochs={self.fusion_epochs}")
+            over.append(f"stages.0.epochs={self.fusion_epochs}")
         per = run_method(name, self.dataset_dir, self.out, self.seeds, None, self.image_teacher, self.text_teacher,
                          over, progress=False)
         results = {}

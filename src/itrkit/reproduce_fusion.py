@@ -78,7 +78,7 @@ def _train_run(method: str, seed: int, epochs: int | None, dataset_dir: Path, ou
         return json.loads((run / "metrics.json").read_text())
     recipe, extra = TRAINED[method]
     ov = [f"data.path={dataset_dir}", f"data.grid_store={grid}", f"out={run}", f"seed={seed}",
-          *([f"epochs={epochs}"] if epochs else []), *extra, *(teachers if method.endswith("+cusa") else []), *overrides]
+          *([f"stages.0.epochs={epochs}"] if epochs else []), *extra, *(teachers if method.endswith("+cusa") else []), *overrides]
     cfg = load_fusion_config(resolve_fusion_config(recipe), ov)
     return train_fusion(cfg, resume=(run / "config.yaml").is_file(), progress=progress)
 

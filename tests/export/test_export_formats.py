@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,9 +35,11 @@ def test_sentence_transformers_export_encodes_like_itrkit_with_the_mlp_trunk(min
     assert np.abs(got - ref).max() < 1e-4
     # A stage dropped would not match: the bare MiniLM sentence embedding is 384-d, the trunk is not the identity.
     types = [m["type"] for m in json.loads((out / "modules.json").read_text())]
-    assert types[-4:-1] == ["itrkit_st_modules.ItrkitResidualMLP",
-                            "sentence_transformers.sentence_transformer.modules.layer_norm.LayerNorm",
-                            "sentence_transformers.base.modules.dense.Dense"]
+    assert types == ["sentence_transformers.models.Transformer", "sentence_transformers.models.Pooling",
+                     "sentence_transformers.models.Normalize", "itrkit_st_modules.ItrkitResidualMLP",
+                     "sentence_transformers.models.LayerNorm", "sentence_transformers.models.Dense",
+                     "sentence_transformers.models.Normalize"]
+    assert json.loads((out / "sentence_bert_config.json").read_text()) == {"max_seq_length": 256, "do_lower_case": False}
     assert (out / "itrkit_st_modules.py").is_file() and "## Metrics" in (out / "README.md").read_text()
 
 
@@ -198,3 +201,31 @@ def test_usa_head_of_a_plain_hf_text_tower_exports_alike_to_sentence_transformer
     sess = ort.InferenceSession(str(out / "text_encoder.onnx"), providers=["CPUExecutionProvider"])
     got = sess.run(None, {"input_ids": enc["input_ids"].numpy(), "attention_mask": enc["attention_mask"].numpy()})[0]
     assert np.abs(got - ref).max() < 1e-4
+
+
+def test_an_st_tower_with_dense_and_normalize_modules_round_trips_through_sentence_transformers(tiny_bert_run,
+                                                                                               tmp_path) -> None:
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
+    from torch import nn
+
+    from itrkit.models.dual_encoder import DualEncoder, ModelConfig
+    from itrkit.models.towers import build_tower
+
+    from .conftest import randomise_heads, save_run
+
+    bert = Path(tiny_bert_run[1].text_tower.spec["path"])
+    torch.manual_seed(1)
+    src = tmp_path / "st-src"  # a sentence-transformers folder: Transformer, Pooling, Dense(Tanh), Normalize
+    SentenceTransformer(modules=[Transformer(str(bert), max_seq_length=20), Pooling(16, pooling_mode="max"),
+                                 Dense(16, 8, activation_function=nn.Tanh()), Normalize()], device="cpu").save(str(src))
+    # The tower reads the pooling config in the pre-6.0 key form (all published ST folders use it).
+    (src / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 16,
+                                                               "pooling_mode_max_tokens": True}))
+    cfg = ModelConfig(image_tower="tiny-image", text_tower=f"st:{src}", embed_dim=6, trunk="none")
+    model = randomise_heads(DualEncoder(build_tower("tiny-image", "image"), build_tower(f"st:{src}", "text"), cfg),
+                            seed=6).eval()
+    assert model.text_tower.output_dim == 8 and model.text_tower.normalize and len(model.text_tower.dense) == 1
+    out = export_run(save_run(model, tmp_path / "run"), "sentence-transformers", tmp_path / "st")
+    got = SentenceTransformer(str(out), device="cpu").encode(CAPTIONS, convert_to_numpy=True)
+    assert _cos(got, model.encode_texts(CAPTIONS)).min() >= 0.9999

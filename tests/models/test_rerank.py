@@ -10,15 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from itrkit.errors import ConfigError
+from itrkit.eval.fusion import evaluate_reranker
+from itrkit.eval.rerank import make_rerank
 from itrkit.eval.retrieval import evaluate_retrieval, metrics_from_ranks, metrics_from_scores
+from itrkit.losses import ContrastiveLoss
+from itrkit.losses.itm import mining_generator, sample_hard_negatives, soft_negative_targets
+from itrkit.losses.matching import ReRankLoss
+from itrkit.losses.soft_labels import SoftLabelLoss
 from itrkit.models.fusion_base import FusionBatch
-from itrkit.models.rerank import (
-    Attention,
-    ReRanker,
-    make_rerank,
-    sample_hard_negatives,
-    soft_negative_targets,
-)
+from itrkit.models.rerank import Attention, ReRanker
 
 TEXT = {"embed_dim": 16, "hidden": 24, "max_length": 16, "seed": 3}
 
@@ -30,12 +30,44 @@ def tower():
     return RNNTextTower("gru", **TEXT)
 
 
-def _model(tower, seed: int = 0, **kw) -> ReRanker:
-    import copy
+LOSS_KEYS = ("alpha", "beta", "soft_itm", "soft_itm_tau", "tau_teacher", "tau")
 
+
+class _Trained:
+    """A re-ranker with its training loss (:class:`ReRankLoss`), called like the old model+loss:
+    ``m(batch, step=…)`` → the loss terms."""
+
+    def __init__(self, model: ReRanker, loss: ReRankLoss) -> None:
+        self.model, self.loss = model, loss
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def train(self):
+        self.model.train()
+        self.loss.train()
+        return self
+
+    def __call__(self, batch: FusionBatch, step: int | None = None):
+        if step is not None:
+            self.loss.mining_step.fill_(step)
+        out = self.model(batch)
+        return self.loss(out, batch.img_ids, batch.t_img, batch.t_txt, lambda i, t: self.model.itm_batch_pairs(out, i, t))
+
+
+def _model(tower, seed: int = 0, **kw):
     torch.manual_seed(seed)
+    lk = {k: kw.pop(k) for k in LOSS_KEYS if k in kw}
     args = {"embed_dim": 16, "width": 16, "layers": 2, "heads": 2, "mlp_ratio": 2.0, "pair_batch": 7, **kw}
-    return ReRanker(12, copy.deepcopy(tower), **args).double()
+    if lk.get("beta", 0) > 0:
+        args["usa_heads"] = True
+    m = ReRanker(region_dim=12, text_tower=TEXT, **args).double()
+    if not lk:
+        return m
+    soft = SoftLabelLoss(alpha=lk.get("alpha", 0.0), beta=lk.get("beta", 0.0), tau_teacher=lk.get("tau_teacher", 0.1))
+    loss = ReRankLoss(ContrastiveLoss(tau=lk.get("tau", 0.05)), soft_itm=lk.get("soft_itm", 0.0),
+                      soft_itm_tau=lk.get("soft_itm_tau", 0.0), soft=soft).double()
+    return _Trained(m, loss)
 
 
 def _batch(seed: int, b: int = 6, r: int = 5, ids=None, teacher: bool = False) -> FusionBatch:
@@ -202,9 +234,9 @@ def test_itm_loss_matches_per_pair_bce_loop(tower, soft_itm, soft_tau):
     words, lengths = m.encode_texts(bt.tokens, bt.lengths)
     zi = [m.itc_image(img[i].mean(0)) for i in range(6)]
     zt = [m.itc_text(words[j, :lengths[j]].mean(0)) for j in range(6)]
-    tau = m.tau.item()
+    tau = m.loss.contrastive.tau.item()
     sim = torch.tensor([[_cos(zi[i].detach(), zt[j].detach()) / tau for j in range(6)] for i in range(6)])
-    u = torch.rand(2, 6, generator=m.mining_generator(11), dtype=torch.float64).numpy()
+    u = torch.rand(2, 6, generator=mining_generator(0, 11), dtype=torch.float64).numpy()
     neg_txt, neg_img = _sample_loop(sim.numpy(), ids, u)
     pairs = [(i, i, 1.0) for i in range(6)]
 
@@ -239,15 +271,15 @@ def test_forward_terms_step_counter_and_teacher_check(tower):
     m = _model(tower, alpha=0.3, beta=0.75, soft_itm=0.3).train()
     bt = _batch(3, teacher=True)
     out = m(bt)
-    assert {"itc_loss", "itm_loss", "csa_loss", "usa_loss"} <= set(out)
+    assert {"contrastive_loss", "itm_loss", "csa_loss", "usa_loss"} <= set(out)
     assert all(torch.isfinite(v) for v in out.values())
-    assert int(m.mining_step) == 1 and "mining_step" in m.state_dict()
+    assert int(m.loss.mining_step) == 1 and "mining_step" in m.loss.state_dict()
     # the same step draws the same negatives: identical losses
     assert m(bt, step=0)["itm_loss"].item() == out["itm_loss"].item()
     with pytest.raises(ConfigError, match="teacher features"):
         m(_batch(3))
-    plain = _model(tower)
-    assert set(k for k in plain(_batch(3)) if k.endswith("_loss")) == {"itc_loss", "itm_loss"}
+    plain = _model(tower, tau=0.05)
+    assert set(k for k in plain(_batch(3)) if k.endswith("_loss")) == {"contrastive_loss", "itm_loss"}
 
 
 # --- re-ranking -------------------------------------------------------------------------------
@@ -311,12 +343,15 @@ def test_model_evaluate_k0_and_full_k(tower):
     t2i = np.repeat(np.arange(n), 2)
     enc = m.encode_split(regions, tokens, lengths, progress=False)
     plain = evaluate_retrieval(enc["img_emb"], enc["txt_emb"], t2i)
-    assert m.evaluate(regions, tokens, lengths, t2i, progress=False, rerank_k=0) == plain
-    both = m.evaluate_both(regions, tokens, lengths, t2i, progress=False)
+    def ev(**kw):
+        return evaluate_reranker(m, regions, tokens, lengths, t2i, progress=False, **kw)
+
+    assert ev(rerank_k=0)["rerank"] == plain
+    both = ev()
     assert both["itc"] == plain
-    assert both["rerank"] == m.evaluate(regions, tokens, lengths, t2i, progress=False)
+    assert both["rerank"] == ev(itc=False)["rerank"]
     full = metrics_from_scores(m.score_all(regions, tokens, lengths, progress=False), t2i)
-    assert m.evaluate(regions, tokens, lengths, t2i, progress=False, rerank_k=2 * n) == pytest.approx(full)
+    assert ev(rerank_k=2 * n)["rerank"] == pytest.approx(full)
 
 
 # --- learning (through the fusion trainer) ---------------------------------------------------------
@@ -356,16 +391,18 @@ def _toy_data(folder, seed: int = 0):
 
 def test_training_through_fusion_trainer_learns(tmp_path):
     from itrkit.data.records import Dataset
-    from itrkit.train.fusion import FUSION_MODELS, load_fusion_config, load_fusion_model, train_fusion
+    from itrkit.models.io import load_fusion_model
+    from itrkit.train.config import load_train_config
+    from itrkit.train.trainer import train as train_fusion
 
-    FUSION_MODELS.setdefault("rerank", "itrkit.models.rerank:ReRanker")
     data, grid = _toy_data(tmp_path)
-    model = {"name": "rerank", "text_tower": {**TEXT, "hidden": 32}, "embed_dim": 32, "width": 32, "layers": 1,
-             "heads": 2, "rerank_k": 5, "tau": 0.1, "tau_learnable": False}
-    cfg = load_fusion_config(None, [f"data.path={data}", f"data.grid_store={grid}", f"out={tmp_path / 'run'}",
-                                    "data.test_split=", "batch_size=12", "epochs=50", "eval_every=50",
-                                    "lr=0.003", "log_every=1", "threads=1"])
-    cfg.model = model
+    model = [f"model.text_tower.{k}={v}" for k, v in {**TEXT, "hidden": 32}.items()]
+    cfg = load_train_config(None, [f"data.path={data}", f"data.grid_store={grid}", f"out={tmp_path / 'run'}",
+                                   "model.name=rerank", *model, "model.embed_dim=32", "model.width=32",
+                                   "model.layers=1", "model.heads=2", "model.rerank_k=5", "loss.tau=0.1",
+                                   "loss.tau_learnable=false", "data.test_split=", "batch_size=12",
+                                   "stages.0.epochs=50", "eval_every=50", "stages.0.lr=0.003", "log_every=1",
+                                   "threads=1"])
     threads = torch.get_num_threads()
     try:  # one thread: tiny matrices, and 2 threads fight the other tests' processes for 2 cores
         out = train_fusion(cfg, progress=False)
@@ -379,12 +416,14 @@ def test_training_through_fusion_trainer_learns(tmp_path):
     # chance RSUM with 36 images and 72 captions is about 2·(1 + 5 + 10)/36·100 ≈ 90
     assert out["val"]["rsum"] > 150  # full ITM scoring (the trainer's score_all path)
     trained, _ = load_fusion_model(tmp_path / "run")
-    assert int(trained.mining_step) == 50 * 6
+    from itrkit.train.checkpoint import load_latest_checkpoint
+
+    assert int(load_latest_checkpoint(tmp_path / "run")[0]["module.loss.mining_step"]) == 50 * 6
     val = Dataset.load(data).split("val")
     from itrkit.teachers.grid import open_grid_store, read_regions
 
     store = open_grid_store(grid)
     regions = read_regions(store, store.index_for(val.image_ids)).view(-1, 4, 12)
     tokens, lengths = trained.tokenize(val.texts)
-    both = trained.evaluate_both(regions, tokens, lengths, val.txt2img, progress=False)
+    both = evaluate_reranker(trained, regions, tokens, lengths, val.txt2img, progress=False)
     assert both["itc"]["rsum"] > 250 and both["rerank"]["rsum"] > 250, both

@@ -7,9 +7,12 @@ import math
 import pytest
 import torch
 
+from itrkit.eval.fusion import ensemble_scores
 from itrkit.losses.functional import triplet_from_scores
+from itrkit.losses.matching import MatchingLoss
+from itrkit.losses.soft_labels import SoftLabelLoss
 from itrkit.models.fusion_base import FusionBatch
-from itrkit.models.sgraf import SAF, SGR, SGRAFModel, attend, ensemble_scores, l2norm, sim_vector
+from itrkit.models.sgraf import SAF, SGR, SGRAFModel, attend, l2norm, sim_vector
 
 TINY = dict(region_dim=6, embed_dim=8, sim_dim=4, word_dim=8, text_hidden=8, max_words=12, sgr_steps=2)
 
@@ -220,7 +223,7 @@ def test_score_all_blocks_equal_one_shot(models: dict[str, SGRAFModel], kind: st
 @pytest.mark.parametrize("kind", ["sgr", "saf"])
 def test_length_groups_do_not_change_training_scores(kind: str) -> None:
     torch.manual_seed(7)
-    m = SGRAFModel(kind=kind, **TINY).double().train()
+    m = SGRAFModel(name=kind, **TINY).double().train()
     regions, tokens, lengths = _inputs(4, 6, seed=8)
     img = m.encode_images(regions)
     words, lens = m.encode_texts(tokens, lengths)
@@ -233,18 +236,21 @@ def test_length_groups_do_not_change_training_scores(kind: str) -> None:
 
 def test_forward_losses_and_cusa_terms() -> None:
     torch.manual_seed(9)
-    m = SAF(**TINY, alpha=1.0, beta=0.75).train()
+    m = SAF(**TINY, usa_heads=True).train()
+    loss = MatchingLoss(soft=SoftLabelLoss(alpha=1.0, beta=0.75))
     regions, tokens, lengths = _inputs(4, 4, seed=10)
     g = torch.Generator().manual_seed(11)
     batch = FusionBatch(regions.float(), tokens, lengths, torch.arange(4), torch.randn(4, 7, generator=g),
                         torch.randn(4, 5, generator=g))
     out = m(batch)
-    assert set(out) == {"triplet_loss", "csa_loss", "usa_loss", "pos_score"}
-    assert all(torch.isfinite(v) for v in out.values())
-    sum(v for k, v in out.items() if k.endswith("_loss")).backward()
-    assert m.usa_img[0].weight.grad is not None and m.tau_c.grad is not None
+    assert set(out) == {"scores", "image_global", "text_global", "image_uni", "text_uni"}
+    terms = loss(out["scores"], batch.img_ids, batch.t_img, batch.t_txt, out["image_uni"], out["text_uni"])
+    assert set(terms) == {"triplet_loss", "csa_loss", "usa_loss", "pos_score"}
+    assert all(torch.isfinite(v) for v in terms.values())
+    sum(v for k, v in terms.items() if k.endswith("_loss")).backward()
+    assert m.usa_img[0].weight.grad is not None and loss.soft.tau_c.grad is not None
     with pytest.raises(Exception, match="teacher"):
-        m(FusionBatch(regions.float(), tokens, lengths, torch.arange(4)))
+        loss(out["scores"].detach(), batch.img_ids, None, None, out["image_uni"], out["text_uni"])
 
 
 # --- losses and ensembles -----------------------------------------------------------------------------------

@@ -61,8 +61,8 @@ def test_fusion_recipes_are_there() -> None:
 def test_fusion_recipe_builds_with_the_appendix_weights(path: Path) -> None:
     from itrkit.train.fusion import build_fusion_model, load_fusion_config
 
-    cfg = load_fusion_config(path)
-    model = build_fusion_model({**cfg.model, "region_dim": 1280})  # unknown model keys raise here
+    cfg = load_fusion_config(path)  # unknown model keys raise here
+    model = build_fusion_model(cfg.model)
     alpha, beta = APPENDIX[path.stem]
-    assert (cfg.model.get("alpha", 0), cfg.model.get("beta", 0)) == (alpha, beta)
+    assert (cfg.loss.csa, cfg.loss.usa) == (alpha, beta)  # the same names as the dual encoder's α, β
     assert any(n.startswith("usa") for n, _ in model.named_parameters()) == (beta > 0)

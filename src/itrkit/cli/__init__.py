@@ -79,8 +79,8 @@ def _cmd_eval(a: argparse.Namespace) -> int:
 
     runs = a.run if isinstance(a.run, list) else [a.run]
     if len(runs) > 1 or is_fusion_run(runs[0]):
-        from itrkit.eval.fusion import evaluate_fusion_runs
         from itrkit.errors import ConfigError
+        from itrkit.eval.fusion import evaluate_fusion_runs
 
         if a.protocol != "full" or a.eccv or a.sts or a.unimodal:
             raise ConfigError("fusion runs and ensembles are evaluated with the full protocol only "
@@ -98,7 +98,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
 
     metrics = evaluate_run(runs[0], data=a.data, split=a.split, protocol=a.protocol, eccv=a.eccv,
                            sts_root=a.sts, cache_dir=a.cache, max_images=a.max_images,
-                           unimodal=a.unimodal)
+                           unimodal=a.unimodal, annotations_dir=a.annotations)
     print(format_table({f"{Path(runs[0]).name} ({a.split}, {a.protocol})": metrics}))
     out = Path(a.json) if a.json else Path(runs[0]) / f"eval_{a.split}_{a.protocol}.json"
     atomic_write_json(out, metrics)
@@ -167,7 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true")
     e.add_argument("--data", help="dataset folder (default: the run's)")
     e.add_argument("--split", default="test")
-    e.add_argument("--protocol", default="full", choices=("full", "coco5k", "coco1k", "flickr30k-1k"))
+    e.add_argument("--protocol", default="full", choices=("full", "coco5k", "coco1k", "flickr30k-1k", "flickr8k-human"))
+    e.add_argument("--annotations", default=None, metavar="DIR",
+                   help="flickr8k-human: folder of ExpertAnnotations.txt / CrowdFlowerAnnotations.txt "
+                        "(default: found beside the images)")
     e.add_argument("--eccv", action="store_true", help="also ECCV Caption metrics (COCO ids)")
     e.add_argument("--sts", default=None, help="STS data folder: also text-side STS Spearman")
     e.add_argument("--cache", default=None)
@@ -204,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     ef.add_argument("--rerank-k", type=int, default=None,
                     help="re-ranker runs: candidates re-scored per query (default: the run's; 0 = dual encoder only)")
     ef.add_argument("--quiet", action="store_true")
-    ef.set_defaults(func=_cmd_eval_fusion, eccv=False, sts=None, unimodal=None, cache=None)
+    ef.set_defaults(func=_cmd_eval_fusion, eccv=False, sts=None, unimodal=None, cache=None, annotations=None)
 
     from itrkit import reproduce
     from itrkit.eval import report_cli

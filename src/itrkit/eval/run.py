@@ -24,9 +24,9 @@ def run_dataset_path(run: str | Path) -> str:
 
 def embed_dataset(model: Any, ds: Dataset, cache_dir: str | None = None) -> dict[str, np.ndarray]:
     """Embeddings of every head for ``ds`` (cached tower features when the model trains on them)."""
-    from itrkit.train.data import PairData, embed_split
+    from itrkit.models.embed import embed_dataset as _embed
 
-    return embed_split(model, PairData(ds, model, model.config.cached_features, cache_dir))
+    return _embed(model, ds, cache_dir)
 
 
 UNIMODAL_FORMATS = ("coco", "cub", "sop", "inshop", "inat")
@@ -34,11 +34,12 @@ UNIMODAL_FORMATS = ("coco", "cub", "sop", "inshop", "inat")
 
 def trained_usa(run: str | Path) -> bool:
     """Whether the run trained its USA heads (a model may carry untrained ones: same architecture as CUSA)."""
-    from itrkit.config import load_config
-    from itrkit.train.config import TrainConfig
-
     cfg = Path(run) / "config.yaml"
-    return cfg.is_file() and load_config(TrainConfig, cfg, []).uses("usa")
+    if not cfg.is_file():
+        return False
+    data = yaml.safe_load(cfg.read_text(encoding="utf-8")) or {}
+    usa = float((data.get("loss") or {}).get("usa", 0) or 0)
+    return usa > 0 or any(float((s.get("loss") or {}).get("usa", usa) or 0) > 0 for s in data.get("stages") or [])
 
 
 def unimodal_metrics(model: Any, spec: str, ds: Dataset, emb: dict[str, np.ndarray],
@@ -85,15 +86,16 @@ def unimodal_metrics(model: Any, spec: str, ds: Dataset, emb: dict[str, np.ndarr
 
 def evaluate_run(run: str | Path, data: str | None = None, split: str = "test", protocol: str = "full",
                  eccv: bool = False, sts_root: str | None = None, cache_dir: str | None = None,
-                 max_images: int = 0, unimodal: str | None = None) -> dict[str, float]:
-    from itrkit.eval.protocols import evaluate_protocol
+                 max_images: int = 0, unimodal: str | None = None,
+                 annotations_dir: str | None = None) -> dict[str, float]:
+    from itrkit.eval.protocols import evaluate_dataset_protocol
     from itrkit.models.io import load_model
 
     model = load_model(run)
     ds = Dataset.load(data or run_dataset_path(run)).split(split).subset(max_images or None)
     emb = embed_dataset(model, ds, cache_dir)
-    metrics = dict(evaluate_protocol(emb["image_embeds"], emb["text_embeds"], ds.txt2img, protocol,
-                                     image_ids=ds.image_ids))
+    metrics = dict(evaluate_dataset_protocol(emb["image_embeds"], emb["text_embeds"], ds, protocol,
+                                             annotations_dir=annotations_dir))
     if eccv:
         from itrkit.eval.eccv import evaluate_eccv
 

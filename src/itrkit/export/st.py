@@ -25,6 +25,9 @@ from itrkit.models.hf_text import POOLING_MODES
 
 ST_TOWERS = ("minilm", "st", "hf")
 MODULE_FILE = "itrkit_st_modules.py"
+_LEGACY_POOLING = (("pooling_mode_cls_token", "cls"), ("pooling_mode_mean_tokens", "mean"),
+                   ("pooling_mode_max_tokens", "max"), ("pooling_mode_mean_sqrt_len_tokens", "mean_sqrt_len_tokens"),
+                   ("pooling_mode_weightedmean_tokens", "weightedmean"), ("pooling_mode_lasttoken", "lasttoken"))
 _ST_POOLING = {"cls": "cls", "max": "max", "mean": "mean", "mean_sqrt_len": "mean_sqrt_len_tokens"}
 
 
@@ -49,6 +52,37 @@ def _dense(layer: nn.Module) -> Any:
     d = Dense(lin.in_features, lin.out_features, bias=lin.bias is not None, activation_function=type(layer.activation)())
     d.linear.load_state_dict(lin.state_dict())
     return d
+
+
+def _long_standing_format(out: Path, tower: Any) -> None:
+    """Rewrite the configs sentence-transformers 6 wrote into the format its earlier releases write
+    and every release reads (the format all-MiniLM-L6-v2 ships in): ``sentence_transformers.models.*``
+    module types, ``pooling_mode_*`` booleans, no 6.x-only keys. The custom trunk module becomes
+    ``itrkit_st_modules.ItrkitResidualMLP`` (the file copied beside it)."""
+    mj = out / "modules.json"
+    entries = json.loads(mj.read_text(encoding="utf-8"))
+    for e in entries:
+        cls = e["type"].rsplit(".", 1)[-1]
+        e["type"] = f"{MODULE_FILE[:-3]}.{cls}" if cls == "ItrkitResidualMLP" else f"sentence_transformers.models.{cls}"
+        folder = out / e["path"]
+        cfg_path = folder / "config.json"
+        if cls == "Pooling":
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+            modes = cfg.get("pooling_mode")
+            modes = (modes,) if isinstance(modes, str) else tuple(modes)
+            legacy = {"word_embedding_dimension": int(cfg["embedding_dimension"])}
+            for key, mode in _LEGACY_POOLING:
+                legacy[key] = mode in modes
+            legacy["include_prompt"] = bool(cfg.get("include_prompt", True))
+            cfg_path.write_text(json.dumps(legacy, indent=2) + "\n", encoding="utf-8")
+        elif cls == "Dense":
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+            keep = {k: cfg[k] for k in ("in_features", "out_features", "bias", "activation_function") if k in cfg}
+            cfg_path.write_text(json.dumps(keep, indent=2) + "\n", encoding="utf-8")
+    mj.write_text(json.dumps(entries, indent=2) + "\n", encoding="utf-8")
+    (out / "sentence_bert_config.json").write_text(json.dumps(
+        {"max_seq_length": int(tower.max_length), "do_lower_case": bool(tower.lowercase)}, indent=2) + "\n",
+        encoding="utf-8")
 
 
 def export(info: RunInfo, out: Path, head: str, name: str) -> dict[str, Any]:
@@ -99,12 +133,7 @@ def export(info: RunInfo, out: Path, head: str, name: str) -> dict[str, Any]:
             st.save(str(out))
     if custom:
         shutil.copyfile(Path(__file__).with_name("st_modules.py"), out / MODULE_FILE)
-        mj = out / "modules.json"
-        entries = json.loads(mj.read_text(encoding="utf-8"))
-        for e in entries:
-            if e["type"].endswith(".ItrkitResidualMLP"):
-                e["type"] = f"{MODULE_FILE[:-3]}.ItrkitResidualMLP"
-        mj.write_text(json.dumps(entries, indent=2) + "\n", encoding="utf-8")
+    _long_standing_format(out, tower)
     trust = ", trust_remote_code=True" if custom else ""
     return {
         "what": f"text encoder ({tower_name(model, 'text')} tower + trunk + {head} head), "

@@ -21,7 +21,13 @@ from torch import Tensor, nn
 from itrkit.errors import ConfigError, DataError
 from itrkit.losses.contrastive import ContrastiveLoss
 from itrkit.losses.functional import triplet_from_scores
-from itrkit.losses.itm import itm_bce, mined_pairs, mining_generator, sample_hard_negatives, soft_negative_targets
+from itrkit.losses.itm import (
+    itm_bce,
+    mined_pairs,
+    mining_generator,
+    sample_hard_negatives,
+    soft_negative_targets,
+)
 from itrkit.losses.soft_labels import SoftLabelLoss
 
 

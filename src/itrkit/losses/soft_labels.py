@@ -18,7 +18,13 @@ from torch import Tensor, nn
 
 from itrkit.errors import ConfigError, ItrkitError
 from itrkit.losses.contrastive import clamp_temperature_, make_temperature
-from itrkit.losses.functional import TEACHER_MODES, csa_from_probs, csa_from_scores, teacher_probs, usa_from_probs
+from itrkit.losses.functional import (
+    TEACHER_MODES,
+    csa_from_probs,
+    csa_from_scores,
+    teacher_probs,
+    usa_from_probs,
+)
 
 
 class SoftLabelLoss(nn.Module):

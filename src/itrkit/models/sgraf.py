@@ -383,13 +383,3 @@ def SGR(**options: Any) -> SGRAFModel:  # noqa: N802 - a model name, used like a
 
 def SAF(**options: Any) -> SGRAFModel:  # noqa: N802
     return SGRAFModel(**{**options, "name": "saf"})
-
-
-def ensemble_scores(*score_matrices: Tensor) -> Tensor:
-    """SGRAF = the mean of separately trained SGR and SAF models' score matrices."""
-    if not score_matrices:
-        raise ConfigError("an ensemble needs at least one score matrix")
-    shapes = {tuple(s.shape) for s in score_matrices}
-    if len(shapes) != 1:
-        raise ConfigError(f"score matrices of an ensemble must have one shape, got {sorted(shapes)}")
-    return torch.stack([s.float() for s in score_matrices]).mean(dim=0)

@@ -288,6 +288,8 @@ def upgrade_overrides(overrides: list[str], name: str) -> list[str]:
         if new != [key]:
             moved.append(f"{key} → {','.join(new)}")
         out += [f"{k}={value}" for k in new]
+        if new == ["loss.usa"] and parse_override(item)[1] not in (0, 0.0, "0"):
+            out.append("model.usa_heads=true")  # the old models built their USA heads when beta > 0
     if moved:
         print(f"note: old config keys read as the new ones ({', '.join(moved[:4])}{', …' if len(moved) > 4 else ''})",
               file=sys.stderr)

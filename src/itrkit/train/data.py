@@ -17,19 +17,7 @@ from itrkit.data.images import ImageCache
 from itrkit.data.records import Dataset
 from itrkit.errors import DataError
 from itrkit.models.dual_encoder import DualEncoder
-
-
-def image_keys(ds: Dataset) -> list[str]:
-    return [str(r.path) for r in ds.records]
-
-
-def split_features(model: DualEncoder, ds: Dataset, cache_dir: str | Path | None) -> tuple[np.ndarray, np.ndarray]:
-    """Tower features of every image and caption of ``ds`` (cached on disk, reused by every run)."""
-    from itrkit.models.features import cached_features
-
-    img = cached_features(model.image_tower, image_keys(ds), image_keys(ds), cache_dir=cache_dir, kind="image")
-    txt = cached_features(model.text_tower, ds.texts, ds.texts, cache_dir=cache_dir, kind="text")
-    return np.asarray(img, np.float32), np.asarray(txt, np.float32)
+from itrkit.models.embed import embed_live, image_keys, split_features  # noqa: E402,F401 (re-exported)
 
 
 class PairData:
@@ -125,11 +113,7 @@ def embed_split(model: DualEncoder, data: PairData) -> dict[str, np.ndarray]:
     """L2-normalised embeddings of a split's images and captions (every head)."""
     if data.cached:
         return model.embed_features(data.image_features, data.text_features)
-    out = {"image_embeds": model.encode_images(data.paths), "text_embeds": model.encode_texts(data.texts)}
-    if model.has_usa:
-        out["image_uni"] = model.encode_images_uni(data.paths)  # type: ignore[assignment]
-        out["text_uni"] = model.encode_texts_uni(data.texts)  # type: ignore[assignment]
-    return out
+    return embed_live(model, data.paths, data.texts)
 
 
 def require_split(ds: Dataset, name: str, limit: int = 0) -> Dataset:

@@ -5,14 +5,35 @@ from __future__ import annotations
 
 from typing import Any
 
-from itrkit.eval.fusion import FusionSplit, evaluate_fusion_runs, run_scores, split_metrics, split_scores  # noqa: F401
+from itrkit.eval.fusion import (  # noqa: F401
+    FusionSplit,
+    evaluate_fusion_runs,
+    load_scores,
+    run_scores,
+    save_scores,
+    split_metrics,
+    split_scores,
+)
 from itrkit.models.io import load_fusion_model, save_fusion_model  # noqa: F401
 from itrkit.models.registry import build_fusion_model, register_fusion_model  # noqa: F401
 from itrkit.train.config import TrainConfig, load_train_config
 from itrkit.train.trainer import Trainer, train
 
-load_fusion_config = load_train_config
 FusionTrainer = Trainer
+
+
+def load_fusion_config(path: Any = None, overrides: list[str] | None = None) -> TrainConfig:
+    """``load_train_config`` with the fusion trainer's old default model (``sgr``)."""
+    overrides = list(overrides or [])
+    if path is None and not any(o.startswith("model.name=") for o in overrides):
+        overrides.insert(0, "model.name=sgr")
+    return load_train_config(path, overrides)
+
+
+def resolve_fusion_config(name: str) -> Any:
+    from itrkit.cli import resolve_config
+
+    return resolve_config(name)
 
 
 def train_fusion(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:

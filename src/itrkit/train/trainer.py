@@ -33,6 +33,7 @@ from itrkit.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from itrkit.train.config import StageConfig, TrainConfig
 from itrkit.train.tasks import TrainingTask, build_task
 from itrkit.utils.io import atomic_write_json
+from itrkit.utils.lock import RunLock
 
 
 class Interrupted(ItrkitError):
@@ -108,6 +109,7 @@ class Trainer:
         self.resume = resume
         self.progress = progress
         self._stop = 0
+        self._lock: RunLock | None = None
         _maybe_init_distributed()
         self.rank, self.world = _dist_info()
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -139,6 +141,11 @@ class Trainer:
         # leaves no folder behind.
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            # One process per run folder: a second `train`, or `--resume` while the first still runs, is
+            # refused here naming the holder's pid; a SIGKILLed holder's lock is taken over with a note.
+            self._lock = RunLock(self.run_dir).acquire()
+            if not self.resume and (self.run_dir / "config.yaml").exists():  # a twin started at the same moment
+                raise ItrkitError(f"{self.run_dir} already holds a run (use --resume to continue it, or another --out)")
             save_config(self.cfg, self.run_dir / "config.yaml")
 
     def log(self, **record: Any) -> None:
@@ -226,6 +233,9 @@ class Trainer:
             return self._fit()
         finally:
             torch.set_num_threads(threads)  # a library call leaves the process as it found it
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
 
     def _fit(self) -> dict[str, Any]:
         self._build()
