@@ -45,6 +45,12 @@ def check(info: RunInfo, head: str) -> None:
                           + ("use --format onnx or hf" if name == "clip" else "use --format hf"))
 
 
+def _st_version() -> str:
+    import sentence_transformers
+
+    return str(getattr(sentence_transformers, "__version__", "?"))
+
+
 def _dense(layer: nn.Module) -> Any:
     from sentence_transformers.sentence_transformer.modules import Dense
 
@@ -142,7 +148,9 @@ def export(info: RunInfo, out: Path, head: str, name: str) -> dict[str, Any]:
                   f"model = SentenceTransformer(\"{name}\"{trust})\n"
                   "emb = model.encode([\"a dog runs on the beach\"])  # = itrkit's encode_texts"
                   + ("" if head == "cross" else "_uni") + "\n```"),
-        "notes": ([f"The residual MLP trunk is the module in `{MODULE_FILE}` (torch only): load with "
+        "notes": [f"Folder format: the long-standing one all-MiniLM-L6-v2 ships in (`sentence_transformers.models.*` "
+                  f"modules); written and checked with sentence-transformers {_st_version()}."]
+                 + ([f"The residual MLP trunk is the module in `{MODULE_FILE}` (torch only): load with "
                    "`trust_remote_code=True`."] if custom else [])
                  + ["Cross-modal search: encode the images with the same run's `--format onnx` "
                     "or `--format hf` export (same embedding space)." if head == "cross" else
