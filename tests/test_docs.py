@@ -154,8 +154,6 @@ def _help_texts() -> list[tuple[str, str]]:
     return out
 
 
-@pytest.mark.xfail(strict=True, reason="src/itrkit/reproduce.py's help still says 'SPEC §5' (its owner rewrites "
-                                       "'SPEC §N' to 'docs/method.md §N'); remove this mark then")
 def test_help_texts_reference_only_files_in_the_repository() -> None:
     bad = []
     for name, text in _help_texts():

@@ -24,6 +24,7 @@ from torch import nn
 
 from itrkit.export.common import ExportError, RunInfo, tower_name
 from itrkit.models.dual_encoder import ResidualMLP
+from itrkit.models.hf_text import quiet_transformers
 from itrkit.utils.io import atomic_write_json
 
 MODELING_FILE = "modeling_itrkit_clip.py"
@@ -94,7 +95,8 @@ def _export_clip(info: RunInfo, out: Path, name: str) -> dict[str, Any]:
             proj.norm.load_state_dict(head[0].state_dict())
             proj.linear.load_state_dict(head[1].state_dict())
         clip.logit_scale.fill_(float(config.logit_scale_init_value))
-    clip.save_pretrained(str(out))
+    with quiet_transformers():
+        clip.save_pretrained(str(out))
     shutil.copyfile(Path(__file__).with_name(MODELING_FILE), out / MODELING_FILE)
     AutoTokenizer.from_pretrained(str(src), local_files_only=True).save_pretrained(str(out))
     s = img.settings

@@ -21,7 +21,7 @@ from torch import nn
 
 from itrkit.export.common import ExportError, RunInfo, check_head, head_modules, tower_name
 from itrkit.models.dual_encoder import ResidualMLP
-from itrkit.models.hf_text import POOLING_MODES
+from itrkit.models.hf_text import POOLING_MODES, quiet_transformers
 
 ST_TOWERS = ("minilm", "st", "hf")
 MODULE_FILE = "itrkit_st_modules.py"
@@ -107,7 +107,7 @@ def export(info: RunInfo, out: Path, head: str, name: str) -> dict[str, Any]:
     model = info.model
     tower = model.text_tower
     trunk, head_mod = head_modules(model, "text", head)
-    with tempfile.TemporaryDirectory(prefix="itrkit-st-") as src:
+    with tempfile.TemporaryDirectory(prefix="itrkit-st-") as src, quiet_transformers():
         # The tower's (possibly fine-tuned) transformer, saved as a plain HF folder for ST to read.
         tower.model.save_pretrained(src)
         tower.tokenizer.save_pretrained(src)
