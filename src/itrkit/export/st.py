@@ -51,9 +51,17 @@ def _st_version() -> str:
     return str(getattr(sentence_transformers, "__version__", "?"))
 
 
-def _dense(layer: nn.Module) -> Any:
-    from sentence_transformers.sentence_transformer.modules import Dense
+def _st_modules() -> tuple[Any, ...]:
+    """Dense, LayerNorm, Normalize, Pooling, Transformer: from their 6.x home, else ``models`` (3.x–5.x)."""
+    try:
+        from sentence_transformers.sentence_transformer import modules as m
+    except ImportError:
+        from sentence_transformers import models as m
+    return m.Dense, m.LayerNorm, m.Normalize, m.Pooling, m.Transformer
 
+
+def _dense(layer: nn.Module) -> Any:
+    Dense = _st_modules()[0]
     lin: nn.Linear = layer.linear  # type: ignore[assignment]
     d = Dense(lin.in_features, lin.out_features, bias=lin.bias is not None, activation_function=type(layer.activation)())
     d.linear.load_state_dict(lin.state_dict())
@@ -72,7 +80,7 @@ def _long_standing_format(out: Path, tower: Any) -> None:
         e["type"] = f"{MODULE_FILE[:-3]}.{cls}" if cls == "ItrkitResidualMLP" else f"sentence_transformers.models.{cls}"
         folder = out / e["path"]
         cfg_path = folder / "config.json"
-        if cls == "Pooling":
+        if cls == "Pooling" and "pooling_mode" in json.loads(cfg_path.read_text(encoding="utf-8")):
             cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
             modes = cfg.get("pooling_mode")
             modes = (modes,) if isinstance(modes, str) else tuple(modes)
@@ -94,15 +102,10 @@ def _long_standing_format(out: Path, tower: Any) -> None:
 def export(info: RunInfo, out: Path, head: str, name: str) -> dict[str, Any]:
     """Write the export into ``out`` (a temporary folder renamed to ``name`` afterwards); card details."""
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import (
-        Dense,
-        LayerNorm,
-        Normalize,
-        Pooling,
-        Transformer,
-    )
 
     from itrkit.export.st_modules import ItrkitResidualMLP
+
+    Dense, LayerNorm, Normalize, Pooling, Transformer = _st_modules()
 
     model = info.model
     tower = model.text_tower
