@@ -56,8 +56,8 @@ def test_bf16_autocast_reaches_the_heads(tmp_path: Path, synth_dir: Path) -> Non
 
 
 def test_unknown_precision_is_a_config_error(tmp_path: Path, synth_dir: Path) -> None:
-    with pytest.raises(ConfigError, match="precision must be fp32 or bf16"):
-        train(tiny_config(tmp_path / "r", synth_dir, "precision=fp16"), progress=False)
+    with pytest.raises(ConfigError, match="precision must be fp32, bf16 or fp16"):
+        train(tiny_config(tmp_path / "r", synth_dir, "precision=fp8"), progress=False)
 
 
 @pytest.fixture(scope="module")

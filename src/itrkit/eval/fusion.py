@@ -3,6 +3,10 @@ full score matrix in blocks, the re-ranker's protocol (ITC ranking of the whole 
 query's top ``rerank_k`` re-scored by the ITM head, X2VLM inference) and ensembles of runs
 (SGRAF = the mean of an SGR's and a SAF's score matrices).
 
+Scoring runs where the model's parameters are (``model.to(device)``; ``device`` arguments take
+``auto``/``cpu``/``cuda``/``cuda:N``/``mps``): region features and tokens go there block by block
+and the score matrix comes back to the CPU.
+
 Score matrices of a run's test split are cached in the run folder (``scores_<split>.safetensors``,
 keyed by data fingerprint, split and grid store) and reused by ensembles.
 """
@@ -21,6 +25,13 @@ from itrkit.errors import ConfigError, DataError
 from itrkit.eval.rerank import make_rerank
 from itrkit.eval.retrieval import evaluate_retrieval, metrics_from_scores
 from itrkit.models.fusion_base import FusionBatch, FusionMatcher
+from itrkit.utils.device import move_to, resolve_device
+
+
+def model_device(model: Any) -> torch.device:
+    """The device of a model's parameters (the CPU for one without parameters)."""
+    p = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    return p.device if p is not None else torch.device("cpu")
 
 
 class FusionSplit:
@@ -83,9 +94,11 @@ def split_scores(model: FusionMatcher, split: FusionSplit, progress: bool = True
     """The (images × captions) score matrix of a split; captions are scored in length order so each
     block is padded only to similar lengths, then put back in caption order."""
     order = torch.argsort(split.lengths, stable=True)
-    regions = split.regions(np.arange(len(split)))
-    s = model.score_all(regions, split.tokens[order], split.lengths[order], img_chunk=img_chunk,
-                        txt_chunk=txt_chunk, progress=progress)
+    dev = model_device(model)
+    regions, tokens, lengths = move_to((split.regions(np.arange(len(split))), split.tokens[order],
+                                        split.lengths[order]), dev, non_blocking=True)
+    s = model.score_all(regions, tokens, lengths, img_chunk=img_chunk, txt_chunk=txt_chunk,
+                        progress=progress).cpu()
     out = torch.empty_like(s)
     out[:, order] = s
     return out
@@ -104,6 +117,7 @@ def evaluate_reranker(model: Any, regions: torch.Tensor, tokens: torch.Tensor, l
     ITC embeddings rank the whole gallery, the ITM head re-scores each query's top ``rerank_k``
     (default the model's; 0 = the dual encoder alone)."""
     k = model.rerank_k if rerank_k is None else int(rerank_k)
+    regions, tokens, lengths = move_to((regions, tokens, lengths), model_device(model), non_blocking=True)
     was = model.training
     model.eval()
     try:
@@ -206,8 +220,10 @@ def open_split(model: FusionMatcher, ds: Dataset, grid_store: str) -> FusionSpli
 
 
 def run_scores(run: str | Path, data: str | Path | None = None, split: str = "test", grid_store: str | None = None,
-               max_images: int = 0, progress: bool = True) -> tuple[torch.Tensor, np.ndarray]:
-    """The (images × captions) scores of a trained run's selected model on a split (cached in the run)."""
+               max_images: int = 0, progress: bool = True, device: str | torch.device = "auto"
+               ) -> tuple[torch.Tensor, np.ndarray]:
+    """The (images × captions) scores of a trained run's selected model on a split (cached in the run),
+    computed on ``device``."""
     from itrkit.models.io import load_fusion_model
 
     run = Path(run)
@@ -217,6 +233,7 @@ def run_scores(run: str | Path, data: str | Path | None = None, split: str = "te
     if cached is not None:
         return cached, ds.txt2img
     model, _ = load_fusion_model(run)
+    model.to(resolve_device(device))
     if is_reranker(model):
         raise ConfigError(f"{run}: a re-ranker has no full score matrix to ensemble; evaluate it alone")
     s = split_scores(model, open_split(model, ds, grid_store), progress=progress)
@@ -226,7 +243,7 @@ def run_scores(run: str | Path, data: str | Path | None = None, split: str = "te
 
 def evaluate_fusion_runs(runs: list[str | Path], data: str | Path | None = None, split: str = "test",
                          grid_store: str | None = None, max_images: int = 0, progress: bool = True,
-                         rerank_k: int | None = None) -> dict[str, float]:
+                         rerank_k: int | None = None, device: str | torch.device = "auto") -> dict[str, float]:
     """Metrics of one fusion run, or of the mean score matrix of several (SGRAF = SGR + SAF).
 
     A re-ranker run is evaluated alone by its protocol (``rerank_k``: candidates re-scored per
@@ -236,13 +253,15 @@ def evaluate_fusion_runs(runs: list[str | Path], data: str | Path | None = None,
 
     if not runs:
         raise ConfigError("evaluating fusion runs needs at least one run folder")
+    device = resolve_device(device)  # before any score matrix is written into a run
     if len(runs) == 1:
         model, _ = load_fusion_model(Path(runs[0]))
         if is_reranker(model):
+            model.to(device)
             ds, grid = _run_inputs(Path(runs[0]), data, split, grid_store, max_images)
             return split_metrics(model, open_split(model, ds, grid), progress=progress, rerank_k=rerank_k)[0]
     mats, t2i = [], None
     for r in runs:
-        s, t2i = run_scores(r, data, split, grid_store, max_images, progress)
+        s, t2i = run_scores(r, data, split, grid_store, max_images, progress, device=device)
         mats.append(s)
     return metrics_from_scores(ensemble_scores(*mats), t2i)

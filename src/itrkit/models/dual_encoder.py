@@ -1,12 +1,12 @@
 """``DualEncoder``: image tower + text tower (+ trainable trunk) + cross heads (+ USA heads).
 
-SPEC §2. The towers turn raw inputs into pooled features; everything after them is small and
+docs/method.md §2. The towers turn raw inputs into pooled features; everything after them is small and
 trainable. With frozen towers the tower features can be cached once and training only runs
 :meth:`DualEncoder.forward_features` (seconds per epoch on a CPU).
 
 The optional *trunk* (one residual MLP block per modality) is shared by the cross head and the
 USA head: with frozen towers it is the only place where the USA loss can shape cross-modal
-retrieval (FINDINGS F1: separate projectors on frozen features are a no-op for retrieval).
+retrieval (docs/method.md §5.1, F1: separate projectors on frozen features are a no-op for retrieval).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from itrkit.models.base import Tower
+from itrkit.utils.device import move_to
 from itrkit.utils.io import fingerprint as _fp
 
 
@@ -59,7 +60,7 @@ class ModelConfig:
 
 
 def _head(in_dim: int, out_dim: int) -> nn.Sequential:
-    """LayerNorm + Linear, Linear initialised N(0, 0.02) with zero bias (FINDINGS F1 heads)."""
+    """LayerNorm + Linear, Linear initialised N(0, 0.02) with zero bias (docs/method.md §5.1, F1 heads)."""
     lin = nn.Linear(in_dim, out_dim)
     nn.init.normal_(lin.weight, std=0.02)
     nn.init.zeros_(lin.bias)
@@ -140,6 +141,12 @@ class DualEncoder(nn.Module):
         return self.forward_features(img, txt)
 
     # --- inference (the Encoder protocol used by eval, index and serve) -------------------
+    @property
+    def device(self) -> torch.device:
+        """Where the heads live (``model.to(device)`` moves everything): inputs go there, embeddings
+        come back to the CPU as NumPy arrays."""
+        return next(self.image_head.parameters()).device
+
     @torch.inference_mode()
     def _encode(self, items: list[Any], tower: Tower, key: str, batch_size: int) -> np.ndarray | None:
         if key.endswith("_uni") and not self.has_usa:
@@ -148,9 +155,9 @@ class DualEncoder(nn.Module):
         self.eval()
         outs = []
         for i in range(0, len(items), batch_size):
-            feats = tower(tower.prepare(items[i:i + batch_size]))
+            feats = tower(move_to(tower.prepare(items[i:i + batch_size]), self.device, non_blocking=True))
             res = self.forward_features(feats, None) if tower is self.image_tower else self.forward_features(None, feats)
-            outs.append(F.normalize(res[key].float(), dim=-1))
+            outs.append(F.normalize(res[key].float(), dim=-1).cpu())
         self.train(was_training)
         if not outs:
             return np.zeros((0, self.config.embed_dim), np.float32)
@@ -179,13 +186,14 @@ class DualEncoder(nn.Module):
             if feats is None:
                 continue
             feats = torch.as_tensor(feats, dtype=torch.float32)
+            device = self.device
             for i in range(0, len(feats), batch_size):
-                res = self.forward_features(feats[i:i + batch_size], None) if name == "image" else \
-                    self.forward_features(None, feats[i:i + batch_size])
+                chunk = move_to(feats[i:i + batch_size], device, non_blocking=True)
+                res = self.forward_features(chunk, None) if name == "image" else self.forward_features(None, chunk)
                 for k, v in res.items():
                     if k.endswith("_hidden"):
                         continue
-                    out.setdefault(k, []).append(F.normalize(v.float(), dim=-1))
+                    out.setdefault(k, []).append(F.normalize(v.float(), dim=-1).cpu())
         self.train(was_training)
         return {k: torch.cat(v).numpy() for k, v in out.items()}
 

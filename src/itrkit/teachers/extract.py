@@ -11,6 +11,11 @@ weights, ids, the items — caption texts, or each image's path, size and mtime 
 size, dtype), so the same call after a kill computes only the shards not yet finished and writes
 the same bytes as an uninterrupted run (same batches, same order; only the header's timing and
 creation time differ).
+
+Towers run on ``device`` (``auto``: CUDA, else MPS, else CPU); their outputs come back to the CPU
+for pooling, PCA and the store. Under ``torchrun`` the batches are dealt round-robin over the ranks
+(rank r encodes batches r, r + world, …), gathered in batch order, and rank 0 alone writes, so the
+store holds the same rows, ids and shards as one process writes.
 """
 
 from __future__ import annotations
@@ -32,6 +37,16 @@ from tqdm import tqdm
 from itrkit.errors import ConfigError, ItrkitError, StoreError
 from itrkit.teachers.reduce import PCA, Reducer, parse_reduction
 from itrkit.teachers.store import KINDS, FeatureStore, data_fingerprint, resume_info
+from itrkit.utils.device import (
+    barrier,
+    broadcast_flags,
+    every_rank,
+    init_distributed,
+    move_to,
+    resolve_device,
+    sharded,
+    work_ranks,
+)
 from itrkit.utils.io import fingerprint
 
 MPNET_NAMES = ("mpnet", "all-mpnet-base-v2")
@@ -68,12 +83,18 @@ def _batches(order: np.ndarray, size: int) -> list[np.ndarray]:
     return [order[i:i + size] for i in range(0, len(order), size)]
 
 
-def _encoded(encoder: Any, items: Sequence[Any], chunks: list[np.ndarray]) -> Iterator[tuple[np.ndarray, Any]]:
-    """Yield (row indices, raw output) per chunk; a tower's next batch is prepared in a thread
-    while the current one runs (image decoding overlaps the forward pass)."""
+def _cpu(out: Any) -> Any:
+    return out.cpu() if isinstance(out, torch.Tensor) else out
+
+
+def _encoded(encoder: Any, items: Sequence[Any], chunks: list[np.ndarray],
+             device: torch.device | None = None) -> Iterator[tuple[np.ndarray, Any]]:
+    """Yield (row indices, raw output on the CPU) per chunk; a tower's next batch is prepared in a
+    thread while the current one runs on ``device`` (image decoding overlaps the forward pass)."""
     if not chunks:
         return
     if _is_tower(encoder):
+        device = device or torch.device("cpu")
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
             nxt = pool.submit(encoder.prepare, [items[i] for i in chunks[0]])
             for k, chunk in enumerate(chunks):
@@ -81,11 +102,11 @@ def _encoded(encoder: Any, items: Sequence[Any], chunks: list[np.ndarray]) -> It
                 if k + 1 < len(chunks):
                     nxt = pool.submit(encoder.prepare, [items[i] for i in chunks[k + 1]])
                 with torch.inference_mode():
-                    yield chunk, encoder(inputs)
+                    yield chunk, _cpu(encoder(move_to(inputs, device, non_blocking=True)))
     else:
         for chunk in chunks:
             with torch.inference_mode():
-                yield chunk, encoder([items[i] for i in chunk])
+                yield chunk, _cpu(encoder([items[i] for i in chunk]))
 
 
 def _as_tensor(out: Any, n: int, name: str) -> torch.Tensor:
@@ -135,7 +156,8 @@ def extract_teacher(encoder: nn.Module | Callable[[list[Any]], Any], items: Sequ
                     out_path: str | os.PathLike, kind: str, teacher_name: str | None = None, batch_size: int = 64,
                     reduction: Any = None, fp16: bool = True, *, overwrite: bool = False,
                     source: str | None = None, pca_sample: int = 2048, has_cls: bool | None = None,
-                    seed: int = 0, progress: bool = True, resume: bool | None = None) -> FeatureStore:
+                    seed: int = 0, progress: bool = True, resume: bool | None = None,
+                    device: str | torch.device = "auto") -> FeatureStore:
     """Run ``encoder`` over ``items`` once and write one row per id to ``out_path`` (a store folder).
 
     ``encoder`` is an itrkit Tower (``prepare`` + ``forward``) or any callable taking a list of
@@ -145,6 +167,9 @@ def extract_teacher(encoder: nn.Module | Callable[[list[Any]], Any], items: Sequ
     ``fp16``: store float16 (default, the format's intent) or float32. Prints items/s at the end.
     ``resume``: write in resumable shards (default: for towers, whose weights have a fingerprint;
     a plain callable's code is not part of the job key, so pass True only when it is fixed).
+    ``device``: where a tower runs (it is moved there). Under ``torchrun``, inside
+    :func:`itrkit.utils.device.every_rank` (as :func:`teach` calls it) every rank calls this with
+    the same arguments: batches are sharded over the ranks and rank 0 writes the store (module doc).
     """
     items = list(items)
     ids = [str(i) for i in ids]
@@ -161,8 +186,20 @@ def extract_teacher(encoder: nn.Module | Callable[[list[Any]], Any], items: Sequ
         raise StoreError(f"{out_path} already exists (delete it or pass overwrite)")
     name, info = _describe(encoder, teacher_name)
     reducer = Reducer(reduction, has_cls=has_cls)
+    device = resolve_device(device)
+    rank, world = work_ranks()
+    lead = rank == 0  # the one process that writes
     if _is_tower(encoder):
         encoder.eval()
+        encoder.to(device)
+
+    def encoded(chunks: list[np.ndarray]) -> Iterator[tuple[np.ndarray, Any]]:
+        if world == 1:
+            yield from _encoded(encoder, items, chunks, device)
+            return
+        own = ((c, _as_tensor(o, len(c), name)) for c, o in _encoded(encoder, items, chunks[rank::world], device))
+        yield from sharded(chunks, None, mine=(o for _, o in own))
+
     order = _order(items, kind)
     n = len(items)
     writer = None
@@ -191,11 +228,12 @@ def extract_teacher(encoder: nn.Module | Callable[[list[Any]], Any], items: Sequ
         writer.state = {"token_shape": list(reducer.token_shape) if reducer.token_shape else None,
                         "input_dim": reducer.input_dim}
 
-    bar = tqdm(total=n, desc=f"{kind} teacher {name}", unit="item", disable=None if progress else True)
+    bar = tqdm(total=n, desc=f"{kind} teacher {name}", unit="item", disable=None if progress and lead else True)
     t0 = time.perf_counter()
     done: set[int] = set()
+    store = None
     try:
-        prior = resume_info(out_path, job) if job else None
+        prior = resume_info(out_path, job) if job and lead else None
         if prior is not None:
             writer = open_writer(int(prior["dim"]))
             done = writer.done_units
@@ -206,48 +244,61 @@ def extract_teacher(encoder: nn.Module | Callable[[list[Any]], Any], items: Sequ
                 print(f"resuming {out_path}: {writer.shards_done} of {writer.n_shards} shards "
                       f"({writer.resumed_rows} of {n} items) kept from the interrupted run", file=sys.stderr)
                 bar.update(writer.resumed_rows)
-        n_lead = 0
+        n_lead = 1 if sample_order is not None else 0
+        if world > 1:  # every rank skips the units rank 0 kept
+            flags = broadcast_flags([k in done for k in range(n_lead + len(rest_batches))])
+            done = {k for k, f in enumerate(flags) if f}
         if sample_order is not None:
-            n_lead = 1
             if 0 in done:
-                assert writer is not None  # the fitted PCA was kept (checked by its sha256)
-                reducer.pca = PCA.load(writer.folder / "pca.safetensors")
+                if lead:
+                    assert writer is not None  # the fitted PCA was kept (checked by its sha256)
+                    reducer.pca = PCA.load(writer.folder / "pca.safetensors")
             else:
                 rows, feats = [], []
-                for chunk, out in _encoded(encoder, items, _batches(sample_order, batch_size)):
-                    feats.append(reducer.pool(_as_tensor(out, len(chunk), name)))
-                    rows.append(chunk)
-                    bar.update(len(chunk))
-                sample = torch.cat(feats)
-                reducer.fit(sample)
-                projected = reducer.project(sample)
-                del feats, sample
-                if writer is None:
-                    writer = open_writer(projected.shape[1])
-                assert reducer.pca is not None
-                writer.save_tensors("pca.safetensors", reducer.pca.state(), metadata=reducer.pca.metadata())
-                save_state()
-                writer.write_rows(np.concatenate(rows), projected)
+                for chunk, out in encoded(_batches(sample_order, batch_size)):
+                    if lead:
+                        feats.append(reducer.pool(_as_tensor(out, len(chunk), name)))
+                        rows.append(chunk)
+                        bar.update(len(chunk))
+                if lead:
+                    sample = torch.cat(feats)
+                    reducer.fit(sample)
+                    projected = reducer.project(sample)
+                    del feats, sample
+                    if writer is None:
+                        writer = open_writer(projected.shape[1])
+                    assert reducer.pca is not None
+                    writer.save_tensors("pca.safetensors", reducer.pca.state(), metadata=reducer.pca.metadata())
+                    save_state()
+                    writer.write_rows(np.concatenate(rows), projected)
         todo = [b for k, b in enumerate(rest_batches) if k + n_lead not in done]
-        for chunk, out in _encoded(encoder, items, todo):
+        for chunk, out in encoded(todo):
+            if not lead:
+                continue
             feats = reducer.project(reducer.pool(_as_tensor(out, len(chunk), name)))
             if writer is None:
                 writer = open_writer(feats.shape[1])
             save_state()
             writer.write_rows(chunk, feats)
             bar.update(len(chunk))
-        assert writer is not None
-        seconds = time.perf_counter() - t0
-        computed = n - writer.resumed_rows
-        writer.reduction = reducer.header(sample=sample_n)
-        writer.extra = {"reduction_spec": reducer.steps, "data_fingerprint": data_fingerprint(kind, ids, items)}
-        store = writer.close_extraction(seconds, batch_size, computed=computed)
+        if lead:
+            assert writer is not None
+            seconds = time.perf_counter() - t0
+            computed = n - writer.resumed_rows
+            writer.reduction = reducer.header(sample=sample_n)
+            writer.extra = {"reduction_spec": reducer.steps, "data_fingerprint": data_fingerprint(kind, ids, items)}
+            store = writer.close_extraction(seconds, batch_size, computed=computed)
     except BaseException as e:
         if writer is not None:
             writer.abort(e)
         raise
     finally:
         bar.close()
+    if world > 1:
+        barrier()  # the store is in place before any rank reads it
+        if not lead:
+            return FeatureStore.open(out_path)
+    assert store is not None
     print(f"{kind} teacher {name}: {computed} items in {seconds:.1f} s ({computed / seconds:.1f} items/s), "
           f"{store.count}×{store.dim} {store.dtype} → {out_path}", file=sys.stderr)
     return store
@@ -312,7 +363,7 @@ def _lazy_tower(teacher: str, kind: str) -> Callable[[], Any]:
 
 def teach(dataset: Any, image_teacher: str | None, text_teacher: str | None, out_dir: str | os.PathLike,
           reduction: Any = None, *, batch_size: int = 64, overwrite: bool = False,
-          pca_sample: int = 2048) -> dict[str, Path]:
+          pca_sample: int = 2048, device: str | torch.device = "auto") -> dict[str, Path]:
     """Extract the image teacher over ``dataset``'s images and the text teacher over its captions.
 
     Writes ``out_dir/image.store`` (keyed by image id) and ``out_dir/text.store`` (by caption id).
@@ -322,6 +373,10 @@ def teach(dataset: Any, image_teacher: str | None, text_teacher: str | None, out
     ``{"image": ..., "text": ...}``. An existing store of the same teacher and ids is reused (after
     its checksums, the teacher's weights fingerprint and, for the same ids, its data fingerprint
     are checked). A run killed part-way continues from its finished shards when called again.
+
+    The teachers run on ``device``. Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank joins the
+    process group (NCCL on ``cuda:LOCAL_RANK``, gloo on the CPU), encodes its share of the batches,
+    and rank 0 writes each store: the same rows and ids as one process writes.
     """
     if image_teacher is None and text_teacher is None:
         raise ConfigError("teach needs an image teacher, a text teacher or both")
@@ -330,6 +385,8 @@ def teach(dataset: Any, image_teacher: str | None, text_teacher: str | None, out
     if unknown:
         raise ConfigError(f"reduction keys must be 'image' and/or 'text', not {sorted(unknown)}")
     out_dir = Path(out_dir)
+    device = resolve_device(device)  # before anything is written
+    init_distributed(device)
     jobs = [("image", image_teacher, dataset.image_ids, [str(p) for p in dataset.image_paths]),
             ("text", text_teacher, dataset.caption_ids, dataset.texts)]
     paths: dict[str, Path] = {}
@@ -340,8 +397,9 @@ def teach(dataset: Any, image_teacher: str | None, text_teacher: str | None, out
         steps = parse_reduction(per_kind.get(kind))
         tower = _lazy_tower(teacher, kind)
         if not _reuse(path, teacher, steps, kind, list(ids), list(items), overwrite, tower):
-            extract_teacher(tower(), items, ids, path, kind, teacher_name=teacher, batch_size=batch_size,
-                            reduction=steps or None, overwrite=overwrite, source=getattr(dataset, "name", None),
-                            pca_sample=pca_sample)
+            with every_rank():  # every rank runs teach with the same arguments: shard the batches
+                extract_teacher(tower(), items, ids, path, kind, teacher_name=teacher, batch_size=batch_size,
+                                reduction=steps or None, overwrite=overwrite, source=getattr(dataset, "name", None),
+                                pca_sample=pca_sample, device=device)
         paths[kind] = path
     return paths

@@ -21,6 +21,7 @@ from itrkit.errors import ConfigError
 from itrkit.models.dual_encoder import ModelConfig
 from itrkit.models.registry import fusion_defaults, fusion_options_class, is_fusion_model
 
+PRECISIONS = ("fp32", "bf16", "fp16")
 LOSS_TERMS = ("contrastive", "triplet", "csa", "usa", "instance", "itm")
 
 
@@ -54,7 +55,7 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    """Weights of each term and their temperatures (SPEC §1). Stages may override the weights."""
+    """Weights of each term and their temperatures (docs/method.md §1). Stages may override the weights."""
 
     contrastive: float = 1.0  # InfoNCE (the re-ranker's ITC)
     triplet: float = 0.0  # VSE++ hardest negative (fusion matchers: on the B×B score matrix)
@@ -158,7 +159,11 @@ class TrainConfig:
     cache_dir: str = ""  # tower-feature cache ('' = $ITRKIT_CACHE or ~/.cache/itrkit)
     threads: int = 0  # torch threads (0 = leave as is)
     log_every: int = 50
-    precision: str = "fp32"  # fp32 | bf16 (autocast around the model's forward; losses stay float32)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast around the model's forward; losses stay float32;
+    # fp16 with a gradient scaler whose state is checkpointed)
+    device: str = "auto"  # auto (CUDA, else MPS, else CPU) | cpu | cuda | cuda:N | mps; torchrun: cuda:LOCAL_RANK
+    tf32: bool = False  # CUDA: TF32 matmuls and convolutions (faster, ~10 mantissa bits); off = exact fp32
+    compile: bool = False  # torch.compile the model's forward (CUDA; the first steps compile)
     grad_clip: float = 0.0  # clip the gradient norm to this (0 = off; VSE++ / SGRAF use 2.0)
     data: DataConfig = field(default_factory=DataConfig)
     # ModelConfig (dual encoder) or a fusion model's options dataclass, chosen by model.name.
@@ -190,8 +195,10 @@ class TrainConfig:
             raise ConfigError("stages: at least one epoch in total is needed")
         if self.eval_every < 1:
             raise ConfigError("eval_every must be >= 1")
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"precision must be fp32 or bf16, got '{self.precision}'")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be fp32, bf16 or fp16, got '{self.precision}'")
+        if not isinstance(self.device, str) or not self.device.strip():
+            raise ConfigError("device must be auto, cpu, cuda, cuda:N or mps")
 
     def weights(self, stage: StageConfig) -> dict[str, float]:
         w = {k: float(getattr(self.loss, k)) for k in LOSS_TERMS}
@@ -309,3 +316,18 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | Non
     _deep_update(data, raw)
     apply_overrides(data, overrides)
     return from_dict(TrainConfig, data)
+
+
+def resolve_config(name: str) -> Path:
+    """A path, or the name of a bundled config: ``infonce`` → configs/infonce.yaml, ``sgr`` →
+    configs/fusion/sgr.yaml."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    stem = name if name.endswith(".yaml") else f"{name}.yaml"
+    for root in (Path.cwd() / "configs", Path(__file__).resolve().parents[3] / "configs"):
+        for cand in (root / stem, root / "fusion" / stem):
+            if cand.is_file():
+                return cand
+    raise ConfigError(f"config not found: {name} (a YAML path or a bundled name: infonce, cusa, icone, vsepp, "
+                      "sgr, saf, sgr_cusa, saf_cusa, rerank, rerank_cusa, ...)")

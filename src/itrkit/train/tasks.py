@@ -46,9 +46,13 @@ class TrainingTask:
     model: nn.Module
     loss: nn.Module
     evaluator: Any
+    device: torch.device = torch.device("cpu")  # the trainer's (set before evaluation and test)
 
-    def __init__(self, cfg: TrainConfig, dataset: Dataset, world: int = 1) -> None:
+    def __init__(self, cfg: TrainConfig, dataset: Dataset, world: int = 1,
+                 device: torch.device | None = None) -> None:
         self.cfg, self.dataset, self.world = cfg, dataset, world
+        if device is not None:
+            self.device = device
 
     # data
     def num_batches(self) -> int:
@@ -121,14 +125,16 @@ class DualEncoderTask(TrainingTask):
     gather_keys = ("image_embeds", "text_embeds", "image_uni", "text_uni")
     batch_gather_keys = ("img_ids", "labels", "teacher_image", "teacher_text")
 
-    def __init__(self, cfg: TrainConfig, dataset: Dataset, world: int = 1) -> None:
+    def __init__(self, cfg: TrainConfig, dataset: Dataset, world: int = 1,
+                 device: torch.device | None = None) -> None:
         from itrkit.models.dual_encoder import build_model
         from itrkit.train.data import PairData
         from itrkit.train.objective import Objective
 
-        super().__init__(cfg, dataset, world)
+        super().__init__(cfg, dataset, world, device)
         torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg.model)
+        # On the device before the tower features are cached: the towers run there.
+        self.model = build_model(cfg.model).to(self.device)
         cache = cfg.cache_dir or None
         train_ds = _split(dataset, cfg.data.train_split, cfg.data.limit("train"))
         val_ds = _split(dataset, cfg.data.val_split, cfg.data.limit("val"))
@@ -249,12 +255,13 @@ class FusionTask(TrainingTask):
 
     family = "fusion"
 
-    def __init__(self, cfg: TrainConfig, dataset: Dataset, world: int = 1) -> None:
+    def __init__(self, cfg: TrainConfig, dataset: Dataset, world: int = 1,
+                 device: torch.device | None = None) -> None:
         from itrkit.eval.fusion import FusionEvaluator, FusionSplit
         from itrkit.models.registry import build_fusion_model
         from itrkit.teachers.grid import grid_shape, open_grid_store
 
-        super().__init__(cfg, dataset, world)
+        super().__init__(cfg, dataset, world, device)
         if world > 1:
             raise ConfigError("fusion matchers train in one process for now (their B×B scores need the "
                               "whole batch on one rank); run without torchrun")
@@ -393,6 +400,7 @@ class FusionTask(TrainingTask):
 
         cfg = self.cfg
         model, _ = load_fusion_model(run_dir)
+        model.to(self.device)
         if not cfg.data.test_split:
             return {}
         try:
@@ -412,5 +420,7 @@ class FusionTask(TrainingTask):
 TASKS: dict[str, type[TrainingTask]] = {"dual_encoder": DualEncoderTask, "fusion": FusionTask}
 
 
-def build_task(cfg: TrainConfig, dataset: Dataset, world: int = 1) -> TrainingTask:
-    return TASKS[cfg.family](cfg, dataset, world)
+def build_task(cfg: TrainConfig, dataset: Dataset, world: int = 1,
+               device: torch.device | None = None) -> TrainingTask:
+    """The task of ``cfg``'s family, its model on ``device`` (default the CPU)."""
+    return TASKS[cfg.family](cfg, dataset, world, device)

@@ -1,7 +1,14 @@
 """The one training loop (open_clip's ``train_one_epoch`` over ``TrainingTask``s): stages of AdamW
 + warm-up and cosine / step / constant schedules, gradient clipping, validation-only model
-selection in the evaluator's direction, exact resume, NaN guard, clean Ctrl-C, bf16, data workers
-and DDP under ``torchrun`` — for every model family (:mod:`itrkit.train.tasks`).
+selection in the evaluator's direction, exact resume, NaN guard, clean Ctrl-C, bf16 / fp16 (with a
+checkpointed gradient scaler), data workers and DDP under ``torchrun`` — for every model family
+(:mod:`itrkit.train.tasks`).
+
+``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``) is resolved before anything is
+written; the model and the loss modules (their temperatures, the instance classifier) live there,
+and each batch (inputs, ids, labels, teacher rows) is moved there before the forward: pinned host
+memory and non-blocking copies on CUDA. Under ``torchrun`` each rank takes ``cuda:LOCAL_RANK`` and
+NCCL, or gloo on the CPU. Evaluation embeds on the device and returns the embeddings to the CPU.
 
 A run folder holds ``config.yaml`` (resolved), ``train.log`` (JSON lines), ``checkpoints/``
 (resumable state), ``model/`` (the model picked on validation), ``metrics.json`` and the test
@@ -12,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -32,8 +38,14 @@ from itrkit.losses.distributed import gather_features
 from itrkit.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from itrkit.train.config import StageConfig, TrainConfig
 from itrkit.train.tasks import TrainingTask, build_task
+from itrkit.utils.device import every_rank, init_distributed, move_to, resolve_device
 from itrkit.utils.io import atomic_write_json
 from itrkit.utils.lock import RunLock
+
+# fp16's dynamic loss scale (torch.amp.GradScaler's defaults; module constants so tests can make the
+# scale move within a few steps)
+FP16_INIT_SCALE = 2.0 ** 16
+FP16_GROWTH_INTERVAL = 2000
 
 
 class Interrupted(ItrkitError):
@@ -44,20 +56,25 @@ class TrainModule(nn.Module):
     """Model + loss in one module so DDP sees every trainable parameter; the task turns the
     model's outputs into ``*_loss`` terms."""
 
-    def __init__(self, task: TrainingTask, gather: bool, precision: str = "fp32") -> None:
+    def __init__(self, task: TrainingTask, gather: bool, precision: str = "fp32", compile: bool = False) -> None:
         super().__init__()
         self.model = task.model
         self.loss = task.loss
         self.task = task
         self.gather = gather
         self.bf16 = precision == "bf16"
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        # The compiled forward is kept outside the module tree: parameter names and checkpoints stay those
+        # of the plain model.
+        self._forward_model: list[Any] = [torch.compile(self.model) if compile else self.model]
 
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:
         device = next(self.model.parameters()).device.type
-        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=self.bf16):
-            out = self.model(batch)
-        # Losses in float32: bf16 keeps 8 mantissa bits, too few for log-softmax over a batch and
-        # for soft labels that differ in the third decimal.
+        dtype = self.autocast_dtype or torch.bfloat16
+        with torch.autocast(device_type=device, dtype=dtype, enabled=self.autocast_dtype is not None):
+            out = self._forward_model[0](batch)
+        # Losses in float32: bf16 keeps 8 mantissa bits (fp16 10, with a 65504 ceiling), too few for
+        # log-softmax over a batch and for soft labels that differ in the third decimal.
         out = {k: v.float() if torch.is_floating_point(v) else v for k, v in out.items()}
         if self.gather:
             # Losses over the global batch: features gathered with gradient (open_clip semantics).
@@ -68,17 +85,6 @@ class TrainModule(nn.Module):
             gb = gather_features(*[batch[k] for k in bkeys], gather_with_grad=False)
             batch = {**batch, **dict(zip(bkeys, gb))}
         return self.task.compute(out, batch)
-
-
-def _dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _maybe_init_distributed() -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
 def _param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
@@ -110,8 +116,10 @@ class Trainer:
         self.progress = progress
         self._stop = 0
         self._lock: RunLock | None = None
-        _maybe_init_distributed()
-        self.rank, self.world = _dist_info()
+        # The device first (a bad one is one line, nothing written), then the process group: NCCL
+        # needs this rank's GPU made current before it starts.
+        self.device = resolve_device(cfg.device)
+        self.rank, self.world = init_distributed(self.device)
         torch.use_deterministic_algorithms(True, warn_only=True)
         if dataset is None:
             if not cfg.data.path:
@@ -128,7 +136,7 @@ class Trainer:
         if self.world > 1:
             # Every rank must look before rank 0 writes config.yaml, or a late rank sees the new run
             # as an old one; the all-reduce is that barrier and makes all ranks agree.
-            flag = torch.tensor([1 if problem else 0])
+            flag = torch.tensor([1 if problem else 0], device=self.device if self.device.type == "cuda" else "cpu")
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             if flag.item() and not problem:
                 problem = f"{self.run_dir}: refused on another rank"
@@ -159,10 +167,17 @@ class Trainer:
         cfg = self.cfg
         if cfg.batch_size % self.world:
             raise ConfigError(f"batch_size {cfg.batch_size} must divide evenly over {self.world} ranks")
-        self.task = build_task(cfg, self.dataset, self.world)
+        with every_rank():  # every rank builds the task: tower-feature caches shard over the ranks
+            self.task = build_task(cfg, self.dataset, self.world, self.device)
         self.model = self.task.model
         self.module = TrainModule(self.task, gather=self.world > 1 and cfg.loss.gather == "global",
-                                  precision=cfg.precision)
+                                  precision=cfg.precision, compile=cfg.compile)
+        # Model and loss modules (temperatures, the instance classifier) on the device; a no-op on the CPU.
+        self.module.to(self.device)
+        self.scaler: torch.amp.GradScaler | None = None
+        if cfg.precision == "fp16":
+            self.scaler = torch.amp.GradScaler(self.device.type, init_scale=FP16_INIT_SCALE,
+                                               growth_interval=FP16_GROWTH_INTERVAL)
         # What each stage starts from: tower trainability from the model config, learnable temperatures.
         self.base_trainable = {n: p.requires_grad for n, p in self.module.named_parameters()}
 
@@ -185,7 +200,8 @@ class Trainer:
         self.opt_names = {id(p): n for n, p in named}
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.world > 1:
-            self.ddp = nn.parallel.DistributedDataParallel(self.module, find_unused_parameters=True)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = nn.parallel.DistributedDataParallel(self.module, device_ids=ids, find_unused_parameters=True)
         else:
             self.ddp = self.module
 
@@ -197,6 +213,14 @@ class Trainer:
                 for k, v in self.optimizer.state.get(p, {}).items():
                     st[f"optim.{self.opt_names[id(p)]}.{k}"] = torch.as_tensor(v).detach().clone()
         st["rng.torch"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            st["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.scaler is not None:
+            # The dynamic loss scale and its growth counter: a resumed fp16 run skips and grows its
+            # steps exactly where the uninterrupted one does.
+            sd = self.scaler.state_dict()
+            st["scaler.scale"] = torch.tensor(float(sd["scale"]), dtype=torch.float64)
+            st["scaler.growth_tracker"] = torch.tensor(int(sd["_growth_tracker"]), dtype=torch.int64)
         return st
 
     def _load_state(self, st: dict[str, torch.Tensor], with_optimizer: bool = True) -> None:
@@ -206,9 +230,21 @@ class Trainer:
                 prefix = f"optim.{self.opt_names[id(p)]}."
                 keys = {k[len(prefix):]: v for k, v in st.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
                 if keys:
-                    self.optimizer.state[p] = {k: v.clone() for k, v in keys.items()}
+                    # Adam's moments live with their parameter; its step counter stays where torch keeps it.
+                    self.optimizer.state[p] = {k: v.clone() if k == "step" else v.to(p.device, copy=True)
+                                             for k, v in keys.items()}
         if "rng.torch" in st:
             torch.set_rng_state(st["rng.torch"])
+        if "rng.cuda" in st and self.device.type == "cuda":
+            torch.cuda.set_rng_state(st["rng.cuda"], self.device)
+        if self.scaler is not None:
+            if "scaler.scale" not in st:
+                raise ItrkitError("checkpoint has no fp16 gradient-scaler state (it was written by a run with "
+                                  "another precision); resume with the run's own precision")
+            sd = self.scaler.state_dict()
+            sd["scale"] = float(st["scaler.scale"])
+            sd["_growth_tracker"] = int(st["scaler.growth_tracker"])
+            self.scaler.load_state_dict(sd)
 
     def _checkpoint(self, stage_i: int, epoch: int, batch_i: int, step: int) -> None:
         if self.rank == 0:
@@ -229,10 +265,15 @@ class Trainer:
         threads = torch.get_num_threads()
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
+        tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        if self.device.type == "cuda":
+            # TF32 only when asked: off, CUDA matmuls and convolutions are exact float32 as on the CPU.
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(self.cfg.tf32)
         try:
             return self._fit()
         finally:
             torch.set_num_threads(threads)  # a library call leaves the process as it found it
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
             if self._lock is not None:
                 self._lock.release()
                 self._lock = None
@@ -290,6 +331,7 @@ class Trainer:
                     lr = lr_at(stage, epoch * nb + b, epoch, total)
                     for g in self.optimizer.param_groups:
                         g["lr"] = lr
+                    batch = move_to(batch, self.device, non_blocking=True)
                     out = self.ddp(batch)
                     losses = {k: v for k, v in out.items() if k.endswith("_loss")}
                     if not losses:
@@ -300,11 +342,7 @@ class Trainer:
                         raise NonFiniteLossError(
                             f"non-finite loss at step {step + 1} (stage {stage.name}, epoch {epoch + 1}, batch {b}): "
                             f"terms {terms}; {self.task.describe_batch(idx)}; last good checkpoint kept in {self.run_dir / 'checkpoints'}")
-                    self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if cfg.grad_clip > 0:
-                        nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
-                    self.optimizer.step()
+                    self._backward_step(loss)
                     self.task.clamp_temperatures_()
                     step += 1
                     if step % cfg.log_every == 0 or b == nb - 1:
@@ -323,6 +361,23 @@ class Trainer:
                 self._checkpoint(si, epoch + 1, 0, step) if epoch + 1 < stage.epochs else \
                     self._checkpoint(si + 1, 0, 0, step)
         return step
+
+    def _backward_step(self, loss: torch.Tensor) -> None:
+        """Backward, clip and optimizer step; with fp16 through the gradient scaler (a step whose
+        scaled gradients overflowed is skipped and the scale halves)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is None:
+            loss.backward()
+            if self.cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+            self.optimizer.step()
+            return
+        self.scaler.scale(loss).backward()
+        if self.cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+            nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
 
     def _end_epoch(self, si: int, stage: StageConfig, epoch: int, step: int) -> None:
         last = epoch + 1 == stage.epochs
