@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from itrkit.cli.export import add_export_parser
 from itrkit.errors import ItrkitError
-from itrkit.export import ExportError, add_export_parser
+from itrkit.export import ExportError
 from itrkit.export.card import method_name
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-import itrkit.index.cli as index_cli
+import itrkit.cli.index as index_cli
 from itrkit.cli import main
 
 _spec = importlib.util.spec_from_file_location("itrkit_tests_index_fixtures",

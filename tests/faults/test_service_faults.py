@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-import itrkit.index.cli as index_cli
+import itrkit.cli.index as index_cli
 from itrkit.cli import main
 from itrkit.index.build import build_index
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import itrkit.index.cli as cli
+import itrkit.cli.index as cli
 from itrkit.errors import ConfigError, StoreError
 
 

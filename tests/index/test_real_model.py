@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import itrkit.index.cli as cli
+import itrkit.cli.index as cli
 from itrkit.index.build import Encoder, load_index
 
 

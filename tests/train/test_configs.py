@@ -66,3 +66,17 @@ def test_fusion_recipe_builds_with_the_appendix_weights(path: Path) -> None:
     alpha, beta = APPENDIX[path.stem]
     assert (cfg.loss.csa, cfg.loss.usa) == (alpha, beta)  # the same names as the dual encoder's α, β
     assert any(n.startswith("usa") for n, _ in model.named_parameters()) == (beta > 0)
+
+
+@pytest.mark.parametrize("path", FUSION, ids=lambda p: p.stem)
+def test_old_layout_of_each_fusion_recipe_loads_to_the_same_config(path: Path, capsys) -> None:
+    """The fusion recipes as written before the one-loop refactor (top-level epochs/lr, loss keys
+    under model) are read as the new layout, with a one-line note, to exactly the bundled config."""
+    from itrkit.train.config import load_train_config
+
+    legacy = Path(__file__).resolve().parents[1] / "data" / "legacy_fusion" / path.name
+    old = load_train_config(legacy)
+    assert "old fusion-config layout" in capsys.readouterr().err
+    new = load_train_config(path)
+    assert capsys.readouterr().err == ""  # the bundled recipes use the new layout
+    assert old == new

@@ -25,7 +25,7 @@ def _cmd_prepare(a: argparse.Namespace) -> int:
 
 
 def _load_train_config(a: argparse.Namespace):
-    from itrkit.train.config import load_train_config
+    from itrkit.train.config import load_train_config, resolve_config
 
     overrides = list(a.set or [])
     if a.data:
@@ -35,23 +35,6 @@ def _load_train_config(a: argparse.Namespace):
     if getattr(a, "resume", False) and a.out and not a.config and (Path(a.out) / "config.yaml").is_file():
         return load_train_config(Path(a.out) / "config.yaml", [o for o in overrides if not o.startswith("out=")] + [f"out={a.out}"])
     return load_train_config(resolve_config(a.config) if a.config else None, overrides)
-
-
-def resolve_config(name: str) -> Path:
-    """A path, or the name of a bundled config: ``infonce`` → configs/infonce.yaml, ``sgr`` →
-    configs/fusion/sgr.yaml."""
-    p = Path(name)
-    if p.is_file():
-        return p
-    stem = name if name.endswith(".yaml") else f"{name}.yaml"
-    for root in (Path.cwd() / "configs", Path(__file__).resolve().parents[3] / "configs"):
-        for cand in (root / stem, root / "fusion" / stem):
-            if cand.is_file():
-                return cand
-    from itrkit.errors import ConfigError
-
-    raise ConfigError(f"config not found: {name} (a YAML path or a bundled name: infonce, cusa, icone, vsepp, "
-                      "sgr, saf, sgr_cusa, saf_cusa, rerank, rerank_cusa, ...)")
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
@@ -107,7 +90,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
-    from itrkit.demo import run_demo
+    from itrkit.experiments.demo import run_demo
 
     run_demo(Path(a.out), quick=a.quick)
     return 0
@@ -209,13 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     ef.add_argument("--quiet", action="store_true")
     ef.set_defaults(func=_cmd_eval_fusion, eccv=False, sts=None, unimodal=None, cache=None, annotations=None)
 
-    from itrkit import reproduce
-    from itrkit.eval import report_cli
-    from itrkit.index import cli as index_cli
-    from itrkit.teachers import grid
+    from itrkit.cli import grid, index, report, reproduce
+    from itrkit.cli.export import add_export_parser
 
-    for mod in (index_cli, reproduce, report_cli, grid):
+    for mod in (index, reproduce, report, grid):
         mod.add_parsers(sub)
+    add_export_parser(sub)
     return p
 
 

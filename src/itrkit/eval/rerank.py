@@ -13,7 +13,10 @@ import torch
 from torch import Tensor
 
 from itrkit.errors import ConfigError, DataError
-from itrkit.eval.retrieval import Rerank
+
+# rerank(scores, query_indices, direction) -> new scores of the same shape. direction "i2t": rows are
+# a chunk of images, columns all captions; "t2i": rows a chunk of captions, columns all images.
+Rerank = Callable[[Tensor, Tensor, str], Tensor]
 
 # score_pairs(img_idx, txt_idx) -> (P,) scores of the pairs (img_idx[p], txt_idx[p]).
 PairScorer = Callable[[Tensor, Tensor], Tensor]

@@ -25,15 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from itrkit.errors import ConfigError, DataError
+from itrkit.eval.rerank import Rerank, make_rerank
 
 PRIMARY_METRIC = "rsum"
 KS = (1, 5, 10)
 METRIC_KEYS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum",
                "i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr")
-
-# rerank(scores, query_indices, direction) -> new scores of the same shape. direction "i2t": rows are
-# a chunk of images, columns all captions; "t2i": rows a chunk of captions, columns all images.
-Rerank = Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]
 
 _U = 2.0 ** -24  # float32 unit roundoff
 _BAND_ULPS = 64
@@ -284,7 +281,6 @@ def evaluate_retrieval(img_emb: Any, txt_emb: Any, txt2img: Any, chunk_size: int
     if rerank_k:
         if rerank is not None or score_pairs is None:
             raise ConfigError("rerank_k needs score_pairs (and no rerank callback)")
-        from itrkit.eval.rerank import make_rerank
 
         rerank = make_rerank(score_pairs, rerank_k, progress=False)
     i2t, t2i = ranks(img_emb, txt_emb, txt2img, chunk_size, rerank)

@@ -17,7 +17,6 @@ one :class:`ExportError` line naming the tower and what would work instead.
 
 from __future__ import annotations
 
-from itrkit.export.cli import add_export_parser
 from itrkit.export.common import FORMATS, HEADS, ExportError, export_run
 
-__all__ = ["FORMATS", "HEADS", "ExportError", "add_export_parser", "export_run"]
+__all__ = ["FORMATS", "HEADS", "ExportError", "export_run"]

@@ -1,4 +1,4 @@
-"""Objectives for image-text retrieval (SPEC §1): ``nn.Module`` wrappers here, functional forms in
+"""Objectives for image-text retrieval (docs/method.md §1): ``nn.Module`` wrappers here, functional forms in
 :mod:`itrkit.losses.functional` (``info_nce``, ``triplet``, ``teacher_probs``, ``csa``, ``usa``,
 ``instance``).
 

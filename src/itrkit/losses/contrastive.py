@@ -1,4 +1,4 @@
-"""``ContrastiveLoss``: multi-positive InfoNCE with a learnable, clamped temperature (SPEC §1)."""
+"""``ContrastiveLoss``: multi-positive InfoNCE with a learnable, clamped temperature (docs/method.md §1)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def make_temperature(name: str, value: float, learnable: bool, lo: float, hi: fl
 
     Stored as a parameter even when fixed (``requires_grad=False``) so checkpoints have the same
     keys whatever ``learnable`` is. Its name contains ``tau`` so trainers can keep it out of weight
-    decay (FINDINGS F1: no weight decay on temperatures).
+    decay (docs/method.md §5.1, F1: no weight decay on temperatures).
     """
     if not (lo > 0 and hi >= lo):
         raise ConfigError(f"{name}: clamp range [{lo}, {hi}] must satisfy 0 < min <= max")

@@ -1,4 +1,4 @@
-"""The SPEC §1 objectives as plain functions.
+"""The docs/method.md §1 objectives as plain functions.
 
 Conventions shared by every function here:
 
@@ -7,7 +7,7 @@ Conventions shared by every function here:
 - Similarities are cosine: inputs are L2-normalised inside (except :func:`instance`, whose
   classifier acts on raw features, as in IConE).
 - Logits, log-softmax and KL are computed in at least float32 (float64 inputs stay float64), so
-  fp16/bf16 features cannot overflow ``exp`` (FINDINGS F1: no non-finite loss in 230 runs).
+  fp16/bf16 features cannot overflow ``exp`` (docs/method.md §5.1, F1: no non-finite loss in 230 runs).
 - KL divergences use ``F.kl_div(log_q, p, reduction="batchmean")`` = mean over rows of
   ``Σ_j p_j (log p_j − log q_j)``.
 """
@@ -135,7 +135,7 @@ def _teacher_sim(t: Tensor, dtype: torch.dtype, center: bool) -> Tensor:
     if center:
         # Centring the teacher features on the batch mean removes the component every sample
         # shares (pooled CNN features are all positive), so cosines spread over [-1, 1] and the
-        # soft labels stop being near-uniform (FINDINGS F1). Subtracting a row's mean similarity
+        # soft labels stop being near-uniform (docs/method.md §5.1, F1). Subtracting a row's mean similarity
         # would be a no-op under the row softmax, so the centring is done on the features.
         t = t - t.mean(dim=0, keepdim=True)
     return _cos(t, t, dtype)

@@ -1,4 +1,4 @@
-"""``TripletLoss``: the VSE++ hardest-negative hinge, the classic ITR baseline (SPEC §1)."""
+"""``TripletLoss``: the VSE++ hardest-negative hinge, the classic ITR baseline (docs/method.md §1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tower features computed once and cached on disk (SPEC §2: "replaced by cached features").
+"""Tower features computed once and cached on disk (docs/method.md §2: "replaced by cached features").
 
 A cache entry is ``<root>/features/<tower fingerprint>-<data fingerprint>.safetensors`` (one
 float32 tensor ``features`` ``[N, D]``) with a JSON sidecar of the same stem (tower spec, count,
@@ -15,6 +15,12 @@ go to ``<stem>.partial/shard-NNNNN.safetensors`` (atomic; in a background thread
 do not wait for the disk), each with the SHA-256 of its rows. A run killed part-way and started
 again loads the shards that pass their checksum, computes the rest in the same batches, and
 writes the same bytes as an uninterrupted run; the partial folder is removed at the end.
+
+Towers run where their parameters are (``tower.to(device)``); features come back to the CPU.
+Under ``torchrun`` every rank calls :func:`cached_features` with the same items (as training
+does): the ranks agree on a cache hit, otherwise batches are dealt round-robin over them, gathered
+in batch order so every rank holds every row, and rank 0 alone writes the shards and the entry —
+the same bytes one process writes.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from tqdm.auto import tqdm
 
 from itrkit.errors import ConfigError, DataError
 from itrkit.models.base import Tower
+from itrkit.utils.device import all_agree, barrier, broadcast_flags, move_to, sharded, work_ranks
 from itrkit.utils.io import atomic_path, atomic_write_json, default_cache_dir, fingerprint
 
 FEATURES_FORMAT = "itrkit-features/1"
@@ -55,42 +62,63 @@ def _order(tower: Tower, items: list[Any]) -> np.ndarray:
     return np.arange(n)
 
 
+def _tower_device(tower: Tower) -> torch.device:
+    p = next(iter(tower.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def _compute(tower: Tower, items: list[Any], batch_size: int, desc: str | None,
              partial: _Partial | None = None) -> np.ndarray:
-    """:func:`compute_features`; with ``partial``, finished shards are loaded and new ones saved."""
+    """:func:`compute_features`; with ``partial``, finished shards are loaded and new ones saved
+    (under torchrun only rank 0 passes one; the others learn its finished shards)."""
     if batch_size <= 0:
         raise ConfigError(f"batch_size must be positive, got {batch_size}")
     n, dim = len(items), int(tower.output_dim)
     out = np.empty((n, dim), dtype=np.float32)
     order = _order(tower, items)
+    rank, world = work_ranks()
     skip: set[int] = set()
     if partial is not None:
         skip = partial.load(out, order)
+    shard_items = partial.shard_items if partial is not None else -(-SHARD_ITEMS // batch_size) * batch_size
+    starts = list(range(0, n, batch_size))
+    if world > 1:
+        # Rank 0 holds the partial folder: every rank skips the shards it kept.
+        n_shards = -(-n // shard_items)
+        flags = broadcast_flags([k in skip for k in range(n_shards)])
+        skip = {k for k, f in enumerate(flags) if f}
+    saving = partial is not None
+    device = _tower_device(tower)
     was_training = tower.training
     tower.eval()
+
+    def encode(mine: list[int]) -> Any:
+        for start in mine:
+            batch = [items[int(i)] for i in order[start:start + batch_size]]
+            yield tower(move_to(tower.prepare(batch), device, non_blocking=True)).float().cpu()
+
     try:
         with torch.inference_mode(), tqdm(total=n, desc=desc or f"{tower.modality} features",
-                                          unit=tower.modality, disable=None) as bar, \
+                                          unit=tower.modality, disable=None if rank == 0 else True) as bar, \
                 concurrent.futures.ThreadPoolExecutor(max_workers=1) as saver:
             pending: concurrent.futures.Future | None = None
-            for start in range(0, n, batch_size):
-                shard = start // partial.shard_items if partial is not None else -1
-                if shard in skip:
-                    bar.update(min(batch_size, n - start))
-                    continue
+            todo = [st for st in starts if (st // shard_items if world > 1 or saving else -1) not in skip]
+            bar.update(n - sum(min(batch_size, n - st) for st in todo))
+            mine = todo[rank::world] if world > 1 else todo
+            for start, got in sharded(todo, None, mine=encode(mine)):
+                shard = start // shard_items
                 rows = order[start:start + batch_size]
-                batch = [items[int(i)] for i in rows]
-                feats = tower(tower.prepare(batch)).float().cpu().numpy()
-                if feats.shape != (len(batch), dim):
+                feats = got.numpy()
+                if feats.shape != (len(rows), dim):
                     raise RuntimeError(f"tower {tower.spec.get('name')} returned {feats.shape}, "
-                                       f"expected {(len(batch), dim)}")
+                                       f"expected {(len(rows), dim)}")
                 bad = ~np.isfinite(feats).all(axis=1)
                 if bad.any():
                     raise DataError(f"non-finite {tower.modality} features for item "
-                                    f"{batch[int(np.argmax(bad))]!r}")
+                                    f"{items[int(rows[int(np.argmax(bad))])]!r}")
                 out[rows] = feats
-                bar.update(len(batch))
-                end = start + len(batch)
+                bar.update(len(rows))
+                end = start + len(rows)
                 if partial is not None and (end % partial.shard_items == 0 or end == n):
                     a = shard * partial.shard_items
                     if pending is not None:
@@ -253,13 +281,22 @@ def cached_features(tower: Tower, items: list[Any], item_keys: list[str], cache_
     path = cache_path(tower, items, item_keys, cache_dir, kind)
     meta_path = path.with_suffix(".json")
     n, dim = len(items), int(tower.output_dim)
+    rank, world = work_ranks()
+    feats = None
     if path.exists() or meta_path.exists():
         feats = _read_entry(path, meta_path, n, dim)
-        if feats is not None:
-            return feats
-        print(f"cache file {path} damaged, recomputing", file=sys.stderr)
-    partial = _Partial(path, n, dim, batch_size) if batch_size > 0 else None
+        if feats is None and rank == 0:
+            print(f"cache file {path} damaged, recomputing", file=sys.stderr)
+    if all_agree(feats is not None):  # under torchrun: a hit only when every rank has one
+        assert feats is not None
+        return feats
+    partial = _Partial(path, n, dim, batch_size) if batch_size > 0 and rank == 0 else None
+    if batch_size <= 0:
+        raise ConfigError(f"batch_size must be positive, got {batch_size}")
     feats = _compute(tower, items, batch_size, desc, partial)
+    if rank != 0:
+        barrier()  # rank 0 writes the entry
+        return feats
     with atomic_path(path) as tmp:
         save_file({"features": feats}, str(tmp), metadata={"format": FEATURES_FORMAT})
     atomic_write_json(meta_path, {
@@ -270,4 +307,5 @@ def cached_features(tower: Tower, items: list[Any], item_keys: list[str], cache_
     })
     if partial is not None:
         partial.remove()
+    barrier()
     return feats

@@ -4,7 +4,7 @@ Two heads share one image and one text encoder:
 
 - **ITC** (the dual encoder): image = mean of the projected region states → Linear; text = mean of
   the projected GRU word states over real tokens → Linear; symmetric multi-positive InfoNCE with a
-  learnable clamped temperature (SPEC §1 ``info_nce``).
+  learnable clamped temperature (docs/method.md §1 ``info_nce``).
 - **ITM** (the fusion head): ``layers`` pre-LN blocks in which the caption's word states attend to
   themselves (self-attention), then to the image's region states (cross-attention), then an MLP;
   the final word states are pooled (mean over real words, or the first word) → Linear → one match

@@ -1,4 +1,4 @@
-"""Tower registry: spec strings / dicts → :class:`~itrkit.models.base.Tower` instances (SPEC §2).
+"""Tower registry: spec strings / dicts → :class:`~itrkit.models.base.Tower` instances (docs/method.md §2).
 
 Spec strings (a dict ``{"name": ..., option: value}`` works too; ``name`` may carry the
 ``prefix:argument`` form, e.g. ``{"name": "clip:/models/clip", "image_size": 336}``):

@@ -17,7 +17,6 @@ run again after a kill, it computes only the unfinished shards and writes the sa
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import sys
 import time
@@ -31,6 +30,16 @@ from tqdm import tqdm
 
 from itrkit.errors import ConfigError, StoreError
 from itrkit.teachers.store import FeatureStore, data_fingerprint, resume_info
+from itrkit.utils.device import (
+    barrier,
+    broadcast_flags,
+    every_rank,
+    init_distributed,
+    move_to,
+    resolve_device,
+    sharded,
+    work_ranks,
+)
 
 GRID_MODELS = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
 
@@ -83,19 +92,45 @@ class _GridEncoder:
     def prepare(self, paths: list[str]) -> torch.Tensor:
         return self.tower.prepare(paths)
 
+    def to(self, device: torch.device) -> _GridEncoder:
+        self.tower.to(device)
+        self.device = device
+        return self
+
+    device = torch.device("cpu")
+
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        fmap = self.tower.net.extract_features(x)  # (B, C, H, W)
-        return fmap.flatten(2).transpose(1, 2).contiguous()  # (B, H·W, C): one row per cell
+        fmap = self.tower.net.extract_features(move_to(x, self.device, non_blocking=True))  # (B, C, H, W)
+        return fmap.flatten(2).transpose(1, 2).contiguous().cpu()  # (B, H·W, C): one row per cell
+
+
+def _encode_grid(enc: _GridEncoder, paths: list[str], chunks: list[list[int]]) -> Any:
+    """The cell maps of each chunk, in order; the next batch's images are decoded in a thread
+    while the network runs on the current one."""
+    if not chunks:
+        return
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        nxt = pool.submit(enc.prepare, [paths[i] for i in chunks[0]])
+        for k in range(len(chunks)):
+            x = nxt.result()
+            if k + 1 < len(chunks):
+                nxt = pool.submit(enc.prepare, [paths[i] for i in chunks[k + 1]])
+            yield enc(x)
 
 
 def build_grid_store(dataset: Any, out_path: str | Path, model: str = "efficientnet-lite0", batch_size: int = 32,
-                     overwrite: bool = False, progress: bool = True) -> FeatureStore:
+                     overwrite: bool = False, progress: bool = True,
+                     device: str | torch.device = "auto") -> FeatureStore:
     """Extract the grid features of every image of ``dataset`` into ``out_path`` (atomic folder).
 
     An existing store of the same model covering the dataset's ids is reused; one built by another
     model (name, or weights by their fingerprint) or for other ids is refused (delete it or pass
     ``overwrite``). A run killed part-way continues from its finished shards.
+
+    The network runs on ``device``. Under ``torchrun`` every rank calls this with the same
+    arguments: batches are dealt round-robin over the ranks, gathered in order, and rank 0 writes
+    the same store one process writes.
     """
     out_path = Path(out_path)
     ids = [str(i) for i in dataset.image_ids]
@@ -104,6 +139,16 @@ def build_grid_store(dataset: Any, out_path: str | Path, model: str = "efficient
         raise ConfigError(f"dataset '{getattr(dataset, 'name', '?')}' has no images to extract")
     if batch_size <= 0:
         raise ConfigError(f"batch_size must be positive, got {batch_size}")
+    device = resolve_device(device)  # before anything is written
+    init_distributed(device)
+    with every_rank():  # every rank calls this with the same arguments: shard the batches
+        return _build_grid_store(dataset, out_path, ids, paths, model, batch_size, overwrite, progress, device)
+
+
+def _build_grid_store(dataset: Any, out_path: Path, ids: list[str], paths: list[str], model: str, batch_size: int,
+                      overwrite: bool, progress: bool, device: torch.device) -> FeatureStore:
+    rank, world = work_ranks()
+    lead = rank == 0
     if out_path.exists() and not overwrite:
         store = open_grid_store(out_path)
         if store.teacher != model:
@@ -116,7 +161,7 @@ def build_grid_store(dataset: Any, out_path: str | Path, model: str = "efficient
         return store
     from itrkit.teachers.extract import job_key
 
-    enc = _GridEncoder(model)
+    enc = _GridEncoder(model).to(device)
     info = {"name": model, "spec": enc.spec, "class": "grid", "fingerprint": enc.tower.fingerprint()}
     chunks = [list(range(s, min(s + batch_size, len(ids)))) for s in range(0, len(ids), batch_size)]
     groups = [[np.asarray(c, dtype=np.int64) for c in chunks]]
@@ -130,60 +175,45 @@ def build_grid_store(dataset: Any, out_path: str | Path, model: str = "efficient
                                    job=job, groups=groups if job else None)
 
     t0 = time.perf_counter()
-    bar = tqdm(total=len(ids), desc=f"grid {model}", unit="img", disable=None if progress else True)
+    bar = tqdm(total=len(ids), desc=f"grid {model}", unit="img", disable=None if progress and lead else True)
+    store = None
     try:
-        prior = resume_info(out_path, job) if job else None
+        prior = resume_info(out_path, job) if job and lead else None
         if prior is not None and isinstance((prior.get("extra") or {}).get("grid"), list):
             writer = open_writer([int(v) for v in prior["extra"]["grid"]])
             if writer.resumed_rows:
                 print(f"resuming {out_path}: {writer.shards_done} of {writer.n_shards} shards "
                       f"({writer.resumed_rows} of {len(ids)} images) kept from the interrupted run", file=sys.stderr)
                 bar.update(writer.resumed_rows)
-        todo = [c for k, c in enumerate(chunks) if writer is None or k not in writer.done_units]
-        # Decode the next batch of images in a thread while the network runs on the current one.
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            nxt = pool.submit(enc.prepare, [paths[i] for i in todo[0]]) if todo else None
-            for k, chunk in enumerate(todo):
-                assert nxt is not None
-                x = nxt.result()
-                if k + 1 < len(todo):
-                    nxt = pool.submit(enc.prepare, [paths[i] for i in todo[k + 1]])
-                cells = enc(x)
-                if writer is None:
-                    writer = open_writer([int(cells.shape[1]), int(cells.shape[2])])
-                writer.write(chunk[0], cells.reshape(len(chunk), -1))
-                bar.update(len(chunk))
-        assert writer is not None
-        seconds = time.perf_counter() - t0
-        store = writer.close_extraction(seconds, batch_size, computed=len(ids) - writer.resumed_rows)
+        done = [writer is not None and k in writer.done_units for k in range(len(chunks))]
+        if world > 1:  # every rank skips the batches rank 0 kept
+            done = broadcast_flags(done)
+        todo = [c for k, c in enumerate(chunks) if not done[k]]
+        mine = todo[rank::world] if world > 1 else todo
+        for chunk, cells in sharded(todo, None, mine=_encode_grid(enc, paths, mine)):
+            if not lead:
+                continue
+            if writer is None:
+                writer = open_writer([int(cells.shape[1]), int(cells.shape[2])])
+            writer.write(chunk[0], cells.reshape(len(chunk), -1))
+            bar.update(len(chunk))
+        if lead:
+            assert writer is not None
+            seconds = time.perf_counter() - t0
+            store = writer.close_extraction(seconds, batch_size, computed=len(ids) - writer.resumed_rows)
     except BaseException as e:
         if writer is not None:
             writer.abort(e)
         raise
     finally:
         bar.close()
+    if world > 1:
+        barrier()  # the store is in place before any rank reads it
+        if not lead:
+            return open_grid_store(out_path)
+    assert store is not None
     print(f"grid {model}: {len(ids)} images in {seconds:.1f} s ({len(ids) / seconds:.1f} img/s), "
           f"grid {grid_shape(store)} float16 → {out_path}", file=sys.stderr)
     return store
 
 
-def _cmd_grid(a: argparse.Namespace) -> int:
-    from itrkit.data.records import Dataset
-
-    ds = Dataset.load(a.data)
-    if a.split:
-        ds = ds.split(*a.split.split(","))
-    store = build_grid_store(ds, a.out, model=a.model, batch_size=a.batch_size, overwrite=a.overwrite)
-    print(f"{store.path}: {store.count} images × grid {grid_shape(store)}")
-    return 0
-
-
-def add_parsers(sub: Any) -> None:
-    g = sub.add_parser("grid", help="extract grid (region) features for fusion matchers (SGRAF)")
-    g.add_argument("data", help="prepared dataset folder")
-    g.add_argument("--out", required=True, help="store folder to write (e.g. grid.store)")
-    g.add_argument("--model", default="efficientnet-lite0", choices=GRID_MODELS)
-    g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--split", default=None, help="only these splits (comma-separated; default: every image)")
-    g.add_argument("--overwrite", action="store_true")
-    g.set_defaults(func=_cmd_grid)

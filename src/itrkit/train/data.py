@@ -1,7 +1,7 @@
 """Training pairs of one split: each caption with its image, served in seeded batch orders.
 
 Two ways to feed the model: *cached* tower features (computed once per model and data
-fingerprint, the CPU path of SPEC §5) or *live* inputs prepared for the towers each step.
+fingerprint, the CPU path of docs/method.md §5) or *live* inputs prepared for the towers each step.
 Teacher features come from memory-mapped stores, looked up per batch (O(batch)).
 """
 

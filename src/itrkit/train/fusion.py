@@ -31,7 +31,7 @@ def load_fusion_config(path: Any = None, overrides: list[str] | None = None) -> 
 
 
 def resolve_fusion_config(name: str) -> Any:
-    from itrkit.cli import resolve_config
+    from itrkit.train.config import resolve_config
 
     return resolve_config(name)
 

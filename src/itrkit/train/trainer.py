@@ -11,8 +11,9 @@ memory and non-blocking copies on CUDA. Under ``torchrun`` each rank takes ``cud
 NCCL, or gloo on the CPU. Evaluation embeds on the device and returns the embeddings to the CPU.
 
 A run folder holds ``config.yaml`` (resolved), ``train.log`` (JSON lines), ``checkpoints/``
-(resumable state), ``model/`` (the model picked on validation), ``metrics.json`` and the test
-split's embeddings (dual encoders) or score matrix (fusion matchers).
+(resumable state), ``model/`` (the model picked on validation), ``metrics.json`` (deterministic),
+``timing.json`` (seconds per epoch, validation, test) and the test split's embeddings (dual
+encoders) or score matrix (fusion matchers).
 """
 
 from __future__ import annotations
@@ -416,8 +417,9 @@ class Trainer:
             if "test_s" in tested:
                 self.timing["test_s"] = tested["test_s"]
             out["history"] = self.history
-            out["timing"] = self.timing
             atomic_write_json(self.run_dir / "metrics.json", out)
+            # Wall-clock seconds apart from the metrics, so that metrics.json is deterministic.
+            atomic_write_json(self.run_dir / "timing.json", self.timing)
             result = out
         if self.world > 1:
             dist.barrier()

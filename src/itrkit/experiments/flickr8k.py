@@ -1,0 +1,179 @@
+"""``itrkit reproduce flickr8k``: the papers' comparisons on real photos (docs/method.md §5).
+
+Official Flickr8k split: train on the 6,000 training images, select on the 1,000 dev images (the
+epoch inside a run and the hyper-parameters across runs), report on the 1,000 test images.
+Frozen EfficientNet-Lite0 + all-MiniLM-L6-v2 features are cached once and shared by every run;
+teachers (EfficientNet-Lite2 + all-mpnet-base-v2 by default) are extracted once into stores.
+Methods come from :data:`itrkit.experiments.methods.METHODS` (tuned, recipe, ensemble).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from itrkit.errors import ConfigError
+from itrkit.experiments.methods import BASE, FUSION_METHODS, METHODS, Method, epochs_overrides
+from itrkit.experiments.runner import Runner
+from itrkit.train.config import TrainConfig, load_train_config
+
+
+class Reproduction:
+    def __init__(self, data: Path, out: Path, methods: list[str], seeds: int, epochs: int, cache: str | None,
+                 image_teacher: str, text_teacher: str, max_train_images: int = 0, tune: bool = True,
+                 fixed: dict[str, int] | None = None, fusion_epochs: int | None = None,
+                 fusion_overrides: list[str] | None = None) -> None:
+        unknown = [m for m in [*methods, *(fixed or {})] if m not in METHODS]
+        if unknown or any(METHODS[m].kind != "tuned" for m in fixed or {}):
+            raise ConfigError(f"unknown method(s) {unknown or list(fixed or {})} (known: "
+                              f"{', '.join(m for m in METHODS if m not in FUSION_METHODS)}; "
+                              f"fusion, untuned: {', '.join(FUSION_METHODS)})")
+        if seeds < 1 or epochs < 1 or (fusion_epochs is not None and fusion_epochs < 1):
+            raise ConfigError("seeds and epochs must be >= 1")
+        self.fusion = [m for m in methods if m in FUSION_METHODS]
+        methods = [m for m in methods if m not in FUSION_METHODS]
+        self.fusion_epochs = fusion_epochs
+        self.fusion_extra = list(fusion_overrides or [])  # --set items for every fusion run
+        for name, gi in (fixed or {}).items():
+            if not 0 <= gi < len(METHODS[name].grid):
+                raise ConfigError(f"--choice {name}={gi}: {name} has grid points 0..{len(METHODS[name].grid) - 1}")
+        self.fixed = dict(fixed or {})  # method → grid index chosen earlier on dev (no tuning again)
+        self.runner = Runner(out)
+        self.out = Path(out)
+        self.methods = methods
+        self.seeds = seeds
+        self.epochs = epochs
+        self.cache = cache or ""
+        self.tune = tune
+        self.max_train = max_train_images
+        self.image_teacher, self.text_teacher = image_teacher, text_teacher
+        self.dataset_dir = self.runner.prepare(Path(data))
+        self.choices: dict[str, list[str]] = {}
+
+    @property
+    def timings(self) -> dict[str, float]:
+        return self.runner.timings
+
+    def _teachers(self, max_train: int | None = None) -> list[str]:
+        return self.runner.teachers(self.dataset_dir, self.image_teacher, self.text_teacher,
+                                    self.max_train if max_train is None else max_train)
+
+    def config(self, method: Method, extra: list[str], seed: int, run_dir: Path) -> TrainConfig:
+        ov = BASE + [f"data.path={self.dataset_dir}", f"seed={seed}", f"out={run_dir}"] + epochs_overrides(method, self.epochs)
+        if self.cache:
+            ov.append(f"cache_dir={self.cache}")
+        if self.max_train:
+            ov.append(f"data.max_train_images={self.max_train}")
+        if method.teachers:
+            ov += self._teachers()
+        if method.inherits:
+            ov += self.choices.get(method.inherits, [])
+        ov += method.overrides + extra + method.after
+        return load_train_config(None, ov)
+
+    def tune_method(self, method: Method) -> list[str]:
+        if method.copy_choice_of:
+            return self.choices[method.copy_choice_of]
+        if method.name in self.fixed:
+            return method.grid[self.fixed[method.name]]
+        if not self.tune or len(method.grid) <= 1:
+            return method.grid[0] if method.grid else []
+        scores = []
+        for gi, extra in enumerate(method.grid):
+            m = self.runner.run(self.config(method, extra, 0, self.out / "tune" / method.name / f"g{gi}"))
+            scores.append(m["val"]["rsum"])
+            print(f"  tune {method.name} g{gi} {extra}: dev rsum {m['val']['rsum']:.2f}", file=sys.stderr)
+        return method.grid[int(np.argmax(scores))]
+
+    def run(self) -> dict[str, Any]:
+        order = sorted(self.methods, key=lambda m: (METHODS[m].inherits != "", METHODS[m].copy_choice_of != ""))
+        for dep in {METHODS[m].inherits for m in order} | {METHODS[m].copy_choice_of for m in order}:
+            if dep and dep not in order:
+                order.insert(0, dep)  # a method needs its base's choice; tune the base too
+        results: dict[str, Any] = {}
+        for name in order:
+            method = METHODS[name]
+            t0 = time.time()
+            print(f"[{name}] {method.description}", file=sys.stderr)
+            self.choices[name] = self.tune_method(method)
+            if name not in self.methods:  # a dependency: only its choice is needed, not its seed runs
+                continue
+            runs = []
+            for s in range(self.seeds):
+                m = self.runner.run(self.config(method, self.choices[name], s, self.out / "runs" / name / f"seed{s}"))
+                runs.append({"seed": s, **m["test"], "val_rsum": m["val"]["rsum"], "best_epoch": m["best"]["epoch"]})
+                print(f"  {name} seed {s}: test rsum {m['test']['rsum']:.2f}", file=sys.stderr)
+            chosen = (self.choices.get(method.inherits, []) if method.inherits else []) + self.choices[name] + method.after
+            results[name] = Runner.aggregate(runs, chosen)
+            self.timings[name] = round(time.time() - t0, 1)
+        for name in self.fusion:
+            t0 = time.time()
+            results.update(self.run_fusion(name))
+            self.timings[name] = round(time.time() - t0, 1)
+        self.runner.write(results)
+        return results
+
+    # --- fusion matchers: bundled recipes and ensembles ---------------------------------------------
+    def _fusion_overrides(self) -> list[str]:
+        over = [f"data.max_train_images={self.max_train}"] if self.max_train else []
+        if self.fusion_epochs:
+            over.append(f"stages.0.epochs={self.fusion_epochs}")
+        return over
+
+    def fusion_config(self, name: str, seed: int, grid: Path, extra: list[str]) -> TrainConfig:
+        from itrkit.train.config import resolve_config
+
+        method = METHODS[name]
+        run = self.out / "runs" / name / f"seed{seed}"
+        ov = [f"data.path={self.dataset_dir}", f"data.grid_store={grid}", f"out={run}", f"seed={seed}",
+              *(self._teachers(0) if method.teachers else []), *extra, *self.fusion_extra]
+        return load_train_config(resolve_config(method.recipe), ov)
+
+    def run_fusion(self, name: str) -> dict[str, Any]:
+        """A fusion method (recipe, or ensemble of recipes) for paired seeds; its members' rows too
+        when they were asked for."""
+        method = METHODS[name]
+        members = list(method.members) if method.kind == "ensemble" else [name]
+        print(f"[{name}] fusion matcher ({', '.join(members)})", file=sys.stderr)
+        over = self._fusion_overrides()
+        grid = self.runner.grid(self.dataset_dir)
+        per: dict[str, list[dict[str, Any]]] = {m: [] for m in members}
+        for seed in range(self.seeds):
+            for m in members:
+                metrics = self.runner.run(self.fusion_config(m, seed, grid, over))
+                sel = metrics.get("val") or {}
+                per[m].append({"seed": seed, **metrics["test"], "val_rsum": sel.get("rsum"),
+                               "best_epoch": metrics["best"]["epoch"]})
+                print(f"  {m} seed {seed}: test rsum {metrics['test']['rsum']:.2f}", file=sys.stderr)
+            if method.kind == "ensemble":
+                run = self.out / "runs" / name / f"seed{seed}"
+                ens = self.runner.ensemble(run, [self.out / "runs" / m / f"seed{seed}" for m in members])
+                per.setdefault(name, []).append({"seed": seed, **ens["test"]})
+                print(f"  {name} seed {seed}: test rsum {ens['test']['rsum']:.2f}", file=sys.stderr)
+        results = {}
+        for m, runs in per.items():
+            if m != name and m not in self.methods and m not in self.fusion:
+                continue  # an ensemble's member that was not asked for itself
+            recipe = METHODS[m].recipe if METHODS[m].kind == "recipe" else " + ".join(METHODS[m].members)
+            results[m] = Runner.aggregate(runs, [f"recipe={recipe}", *over])
+        return results
+
+
+def run_method(name: str, data_dir: str | Path, out_dir: str | Path, seeds: int = 1, epochs: int | None = None,
+               image_teacher: str = "efficientnet-lite2", text_teacher: str = "mpnet",
+               overrides: list[str] | None = None, progress: bool = False) -> dict[str, list[dict[str, float]]]:
+    """One fusion method for seeds ``0 … seeds-1`` → ``{method: [test metrics per seed]}`` (an
+    ensemble also returns its members' lists). ``epochs``: None = the recipe's; ``overrides`` are
+    ``--set`` items for every trained run."""
+    if name not in FUSION_METHODS:
+        raise ConfigError(f"unknown fusion method '{name}' (known: {', '.join(FUSION_METHODS)})")
+    rep = Reproduction(Path(data_dir), Path(out_dir), [name], seeds, 1, None, image_teacher, text_teacher,
+                       fusion_epochs=epochs, fusion_overrides=overrides)
+    rep.runner.progress = progress
+    rep.fusion = [name, *METHODS[name].members]  # an ensemble's members' rows too
+    res = rep.run_fusion(name)
+    return {m: [{k: v for k, v in r.items() if k != "seed"} for r in agg["runs"]] for m, agg in res.items()}

@@ -1,0 +1,98 @@
+"""Every method an experiment can run, in one registry (:data:`METHODS`).
+
+Kinds:
+- ``tuned``: a dual encoder whose ``grid`` of alternatives is tried on dev (the same number of
+  dev runs for every tuned method, the baseline's temperature and learning rate included);
+  ablations and controls reuse another method's choice (``copy_choice_of``);
+- ``recipe``: a bundled config as it is (``configs/fusion/<recipe>.yaml``), not tuned;
+- ``ensemble``: the mean of the score matrices of other methods' same-seed runs.
+
+Fairness rules built in: seeds are paired (run ``s`` of every method starts from the same
+initialisation and sees the same batch order); a control (``cusa-shuffled``) keeps CUSA's chosen
+settings but permutes the teacher rows among training items, so the soft labels keep their shape
+and lose the teacher's knowledge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Architecture shared by every method: a trainable residual trunk per modality feeds both the
+# cross head and the USA head (docs/method.md §5.1, F1: otherwise USA cannot touch retrieval).
+BASE = [
+    "model.image_tower=efficientnet-lite0", "model.text_tower=minilm", "model.cached_features=true",
+    "model.trunk=mlp", "model.trunk_hidden=1024", "model.usa_heads=true", "model.embed_dim=256",
+    "batch_size=128", "stages.0.lr=0.001", "stages.0.weight_decay=0.01", "log_every=100",
+]
+
+
+@dataclass
+class Method:
+    name: str
+    overrides: list[str] = field(default_factory=list)
+    grid: list[list[str]] = field(default_factory=list)  # dev-tuned alternatives (same count for all)
+    inherits: str = ""  # take the chosen base settings of this method first
+    copy_choice_of: str = ""  # a control or ablation: reuse another method's chosen grid point, no tuning
+    after: list[str] = field(default_factory=list)  # applied after the chosen grid point (ablations)
+    teachers: bool = False
+    description: str = ""
+    kind: str = "tuned"  # tuned | recipe | ensemble
+    recipe: str = ""  # recipe: the bundled config's name
+    members: tuple[str, ...] = ()  # ensemble: the methods whose score matrices are averaged
+
+
+METHODS: dict[str, Method] = {m.name: m for m in [
+    Method("infonce", ["loss.contrastive=1"], [
+        ["loss.tau=0.05", "loss.tau_learnable=true"], ["loss.tau=0.05", "loss.tau_learnable=false"],
+        ["loss.tau=0.1", "loss.tau_learnable=false"], ["loss.tau=0.1", "loss.tau_learnable=false", "stages.0.lr=0.0003"],
+    ], description="InfoNCE, temperature and lr tuned on dev"),
+    # Ablations: CUSA's chosen setting with one term switched off (the paper's Table 5 rows).
+    Method("csa", ["loss.contrastive=1"], copy_choice_of="cusa", after=["loss.usa=0"], inherits="infonce",
+           teachers=True, description="ablation: CUSA's setting, USA off (InfoNCE + α·CSA)"),
+    Method("usa", ["loss.contrastive=1"], copy_choice_of="cusa", after=["loss.csa=0"], inherits="infonce",
+           teachers=True, description="ablation: CUSA's setting, CSA off (InfoNCE + β·USA)"),
+    Method("cusa", ["loss.contrastive=1"], [
+        ["loss.csa=1", "loss.usa=1", "loss.tau_teacher=0.1"], ["loss.csa=3", "loss.usa=3", "loss.tau_teacher=0.1"],
+        ["loss.csa=1", "loss.usa=3", "loss.tau_teacher=0.05"], ["loss.csa=3", "loss.usa=1", "loss.tau_teacher=0.05"],
+    ], inherits="infonce", teachers=True, description="InfoNCE + α·CSA + β·USA"),
+    Method("cusa-shuffled", ["loss.contrastive=1", "teacher.shuffle=true"], copy_choice_of="cusa", inherits="infonce",
+           teachers=True, description="control: CUSA with teacher rows permuted"),
+    Method("vse++", ["loss.contrastive=0", "loss.triplet=1"], [
+        ["loss.margin=0.2"], ["loss.margin=0.1"], ["loss.margin=0.2", "stages.0.lr=0.0003"], ["loss.margin=0.05"],
+    ], description="VSE++ hardest-negative triplet"),
+    Method("icone-stage1", ["loss.contrastive=0", "loss.instance=1"], [
+        ["stages.0.lr=0.001"], ["stages.0.lr=0.003"], ["stages.0.lr=0.0003"], ["stages.0.lr=0.001", "stages.0.weight_decay=0.1"],
+    ], description="IConE stage I: instance loss only (towers frozen)"),
+    Method("icone", ["loss.contrastive=0", "loss.instance=1", "stages.0.name=stage1",
+                     "stages.1.name=stage2", "stages.1.loss={contrastive: 1.0, instance: 1.0}",
+                     "stages.1.lr=0.0003", "loss.tau=0.05", "loss.tau_learnable=false"], [
+        ["stages.1.lr=0.0003"], ["stages.1.lr=0.001"], ["stages.1.loss={contrastive: 1.0, instance: 0.1}"],
+        ["stages.1.lr=0.001", "loss.tau=0.1"],
+    ], description="IConE: stage I instance, stage II instance + InfoNCE"),
+    # IConE + CUSA is not tuned again: IConE's dev choice plus CUSA's chosen weights (α=β=1,
+    # τ_teacher=0.1 on this data) added to stage II, so the row isolates what CUSA adds to IConE.
+    Method("icone+cusa", ["loss.contrastive=0", "loss.instance=1", "stages.0.name=stage1",
+                          "stages.1.name=stage2", "stages.1.loss={contrastive: 1.0, instance: 1.0}",
+                          "stages.1.lr=0.0003", "loss.tau=0.05", "loss.tau_learnable=false"],
+           copy_choice_of="icone", after=["stages.1.loss.csa=1.0", "stages.1.loss.usa=1.0", "loss.tau_teacher=0.1"],
+           teachers=True, description="IConE's chosen setting + CUSA terms (α=β=1, τ_t=0.1) in stage II"),
+]}
+# Fusion matchers: bundled recipes (CUSA weights from the paper's appendix for SGRAF / X2VLM).
+for _name, _recipe in (("sgr", "sgr"), ("saf", "saf"), ("sgr+cusa", "sgr_cusa"), ("saf+cusa", "saf_cusa"),
+                       ("rerank", "rerank"), ("rerank+cusa", "rerank_cusa")):
+    METHODS[_name] = Method(_name, kind="recipe", recipe=_recipe, teachers=_name.endswith("+cusa"),
+                            description=f"fusion matcher, bundled recipe {_recipe}")
+METHODS["sgraf"] = Method("sgraf", kind="ensemble", members=("sgr", "saf"), description="SGRAF = mean of SGR and SAF scores")
+METHODS["sgraf+cusa"] = Method("sgraf+cusa", kind="ensemble", members=("sgr+cusa", "saf+cusa"),
+                               description="SGRAF + CUSA = mean of SGR+CUSA and SAF+CUSA scores")
+DEFAULT_METHODS = ["infonce", "csa", "usa", "cusa", "cusa-shuffled"]
+FUSION_METHODS = tuple(n for n, m in METHODS.items() if m.kind != "tuned")
+
+
+def epochs_overrides(method: Method, epochs: int) -> list[str]:
+    """``epochs`` split over a two-stage method's stages (half each), else the one stage's."""
+    if any(o.startswith("stages.1.") for o in method.overrides):
+        return [f"stages.0.epochs={max(1, epochs // 2)}", f"stages.1.epochs={max(1, epochs - epochs // 2)}"]
+    return [f"stages.0.epochs={epochs}"]
+
+
