@@ -185,3 +185,27 @@ def test_train_with_device_cuda_on_a_machine_without_cuda_exits_2_writing_nothin
     assert code == 2
     assert len(err) == 1 and err[0].startswith("error: device 'cuda' is not available"), err
     assert not out.exists()
+
+
+def test_move_to_moves_the_tensor_fields_of_a_dataclass_batch_and_keeps_the_original() -> None:
+    from itrkit.models.fusion_base import FusionBatch
+
+    meta = torch.device("meta")
+    b = FusionBatch(regions=torch.zeros(2, 3, 4), tokens=torch.ones(2, 5, dtype=torch.long),
+                    lengths=torch.tensor([5, 3]), img_ids=torch.tensor([0, 1]), t_img=torch.zeros(2, 8))
+    out = move_to(b, meta)
+    assert isinstance(out, FusionBatch) and out is not b
+    assert all(getattr(out, f).device == meta for f in ("regions", "tokens", "lengths", "img_ids", "t_img"))
+    assert out.t_txt is None and out.tokens.dtype == torch.long and out.regions.shape == (2, 3, 4)
+    assert b.regions.device == torch.device("cpu")
+
+
+def test_without_a_process_group_the_sharding_helpers_are_the_identity() -> None:
+    assert dev.work_ranks() == (0, 1)
+    with dev.every_rank():
+        assert dev.work_ranks() == (0, 1)
+    x = torch.arange(6.0).reshape(2, 3)
+    assert dev.all_gather_tensor(x)[0].equal(x) and dev.all_gather_tensor(None) == [None]
+    assert dev.broadcast_flags([True, False]) == [True, False] and dev.all_agree(False) is False
+    got = list(dev.sharded([1, 2, 3], lambda units: (torch.tensor([u * 10]) for u in units)))
+    assert [(u, int(t)) for u, t in got] == [(1, 10), (2, 20), (3, 30)]

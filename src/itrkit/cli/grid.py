@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from itrkit.teachers.grid import GRID_MODELS, build_grid_store, grid_shape
+from itrkit.utils.device import add_device_argument
 
 
 def _cmd_grid(a: argparse.Namespace) -> int:
@@ -14,7 +15,8 @@ def _cmd_grid(a: argparse.Namespace) -> int:
     ds = Dataset.load(a.data)
     if a.split:
         ds = ds.split(*a.split.split(","))
-    store = build_grid_store(ds, a.out, model=a.model, batch_size=a.batch_size, overwrite=a.overwrite)
+    store = build_grid_store(ds, a.out, model=a.model, batch_size=a.batch_size, overwrite=a.overwrite,
+                             device=a.device)
     print(f"{store.path}: {store.count} images × grid {grid_shape(store)}")
     return 0
 
@@ -27,4 +29,5 @@ def add_parsers(sub: Any) -> None:
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--split", default=None, help="only these splits (comma-separated; default: every image)")
     g.add_argument("--overwrite", action="store_true")
+    add_device_argument(g)
     g.set_defaults(func=_cmd_grid)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from itrkit.index.backends import BACKENDS
+from itrkit.utils.device import add_device_argument, resolve_device
 from itrkit.utils.optional import require
 
 
@@ -19,13 +20,20 @@ def load_encoder(run_dir: str | Path):
     return load_model(run_dir)
 
 
-def _encoder_for(index, run: str | None):
+def _on_device(encoder, spec: str):
+    """The encoder on ``--device`` (a model's embeddings still come back as CPU arrays)."""
+    device = resolve_device(spec)
+    to = getattr(encoder, "to", None)
+    return to(device) if callable(to) else encoder
+
+
+def _encoder_for(index, run: str | None, device: str = "auto"):
     run_dir = run or index.run_dir
     if not run_dir:
         from itrkit.errors import ConfigError
 
         raise ConfigError(f"{index.folder}/manifest.json names no model run; pass --run RUN_DIR")
-    encoder = load_encoder(run_dir)
+    encoder = _on_device(load_encoder(run_dir), device)
     index.check_encoder(encoder)
     return encoder
 
@@ -35,8 +43,10 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
     if args.backend.startswith("faiss"):  # before any embedding work
         require("faiss", "index", f"itrkit index build --backend {args.backend}")
+    device = getattr(args, "device", "auto")
+    resolve_device(device)  # before any embedding work
     dataset = dataset_from_source(args.images, split=args.split)
-    encoder = load_encoder(args.run)
+    encoder = _on_device(load_encoder(args.run), device)
     out = build_index(encoder, dataset, args.out, backend=args.backend, run_dir=args.run,
                       batch_size=args.batch_size, overwrite=args.overwrite, hnsw_m=args.hnsw_m,
                       ef_construction=args.ef_construction, ef_search=args.ef_search, progress=not args.quiet)
@@ -49,7 +59,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from itrkit.index.search import format_results, search_image, search_text
 
     index = load_index(args.index)
-    encoder = _encoder_for(index, args.run)
+    encoder = _encoder_for(index, args.run, getattr(args, "device", "auto"))
     if args.text is not None:
         results = search_text(index, encoder, args.text, args.k)
     else:
@@ -106,7 +116,7 @@ def build_serve_app(args: argparse.Namespace):
     token = serve_token(args)
     index = load_index(args.index)  # checksums: a damaged index stops here, not at the first query
     # The model loads now: a missing run or a model that does not match the index is a startup error.
-    encoder = _encoder_for(index, args.run)
+    encoder = _encoder_for(index, args.run, getattr(args, "device", "auto"))
     app = create_app(index, encoder=encoder, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
                      max_pixels=args.max_pixels, max_concurrent=args.max_concurrent,
                      request_timeout=args.timeout if args.timeout > 0 else None, token=token)
@@ -130,6 +140,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--ef-search", type=int, default=128)
     b.add_argument("--overwrite", action="store_true")
     b.add_argument("--quiet", action="store_true")
+    add_device_argument(b)
     b.set_defaults(func=cmd_index_build)
 
     s = sub.add_parser("search", help="query an index by text or by photo")
@@ -142,6 +153,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="for --image: similar images (USA head) or matching captions (cross head)")
     s.add_argument("--format", default="table", choices=("table", "json"))
     s.add_argument("--run", default=None, help="model run folder (default: the one the index was built with)")
+    add_device_argument(s)
     s.set_defaults(func=cmd_search)
 
     from itrkit.serve.settings import MAX_CONCURRENT, MAX_UPLOAD_BYTES, REQUEST_TIMEOUT_S
@@ -164,6 +176,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--max-pixels", type=_positive_int, default=None,
                    help="largest photo accepted, checked from its header before decoding (default 40 million)")
     v.add_argument("--quiet", action="store_true")
+    add_device_argument(v)
     v.set_defaults(func=cmd_serve)
 
 

@@ -87,11 +87,15 @@ def unimodal_metrics(model: Any, spec: str, ds: Dataset, emb: dict[str, np.ndarr
 def evaluate_run(run: str | Path, data: str | None = None, split: str = "test", protocol: str = "full",
                  eccv: bool = False, sts_root: str | None = None, cache_dir: str | None = None,
                  max_images: int = 0, unimodal: str | None = None,
-                 annotations_dir: str | None = None) -> dict[str, float]:
+                 annotations_dir: str | None = None, device: str | Any = "auto") -> dict[str, float]:
+    """Metrics of a run's selected model on a split; embeddings computed on ``device`` (auto: CUDA,
+    else MPS, else CPU), metrics on the CPU."""
     from itrkit.eval.protocols import evaluate_dataset_protocol
     from itrkit.models.io import load_model
+    from itrkit.utils.device import resolve_device
 
-    model = load_model(run)
+    device = resolve_device(device)  # a bad device is one line before any work
+    model = load_model(run).to(device)
     ds = Dataset.load(data or run_dataset_path(run)).split(split).subset(max_images or None)
     emb = embed_dataset(model, ds, cache_dir)
     metrics = dict(evaluate_dataset_protocol(emb["image_embeds"], emb["text_embeds"], ds, protocol,

@@ -9,7 +9,6 @@ process drives its own GPU without extra flags. An unavailable or malformed devi
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import re
@@ -105,8 +104,9 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     return _cuda(raw, int(m.group(1)) if m.group(1) is not None else None, rank)
 
 
-def add_device_argument(parser: argparse.ArgumentParser, default: str = "auto") -> None:
-    """Add ``--device`` to a command's parser (validated later by :func:`resolve_device`)."""
+def add_device_argument(parser: Any, default: str = "auto") -> None:
+    """Add ``--device`` to a command's parser (an ``ArgumentParser``; validated later by
+    :func:`resolve_device`, so a bad device is one line from the command, not a usage error)."""
     parser.add_argument("--device", default=default, metavar="DEVICE", help=DEVICE_HELP)
 
 
