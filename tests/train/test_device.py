@@ -4,9 +4,9 @@ buffers live there too, each batch goes through ``move_to`` to it, ``device: cpu
 what the code trained before (the golden metrics), and an unavailable device is one line naming
 it, with nothing written.
 
-This machine may have no GPU: the hook test runs on every device torch sees here (the CPU always,
-CUDA / MPS where present; ``scripts/gpu_check.py`` runs it on a GPU), and ``move_to``'s calls are
-recorded so the CPU case still proves each batch was sent to the configured device.
+This machine may have no GPU: the hook test runs on every device torch sees (the CPU always, CUDA
+and MPS where present: run this file on a GPU machine for the CUDA case), and ``move_to``'s calls
+are recorded so the CPU case still proves each batch was sent to the configured device.
 """
 
 from __future__ import annotations
