@@ -1,6 +1,6 @@
-"""`teach` and the tower-feature cache under torchrun: 2 gloo ranks shard the batches and write one
-store / cache entry, the same as one process writes (rows bitwise, same ids, same shard files),
-and every rank gets every cached feature row back.
+"""`teach`, the grid store and the tower-feature cache under torchrun: 2 gloo ranks shard the
+batches and write one store / cache entry, the same as one process writes (rows bitwise, same ids,
+same shard files), and every rank gets every cached feature row back.
 
 Both runs use one thread per process (torchrun's default), so the float arithmetic is the same.
 """
@@ -28,21 +28,28 @@ from safetensors.numpy import save_file
 from itrkit.data.records import Dataset
 from itrkit.models import features, tiny
 from itrkit.models.towers import build_tower
+from itrkit.teachers import grid
 from itrkit.teachers.extract import teach
 from itrkit.utils.device import dist_info, every_rank
 
 data, out, cache = sys.argv[1:4]
 features.SHARD_ITEMS = 40  # several resumable shards, dealt over the ranks
-calls = {"image": 0, "text": 0}  # batches this rank encoded
+calls = {"image": 0, "text": 0, "grid": 0}  # batches this rank encoded
 for cls, kind in ((tiny.TinyImageTower, "image"), (tiny.TinyTextTower, "text")):
     def counted(self, inputs, _orig=cls.forward, _kind=kind):
         calls[_kind] += 1
         return _orig(self, inputs)
     cls.forward = counted
+orig_grid = grid._GridEncoder.__call__
+def grid_call(self, x):
+    calls["grid"] += 1
+    return orig_grid(self, x)
+grid._GridEncoder.__call__ = grid_call
 ds = Dataset.load(data)
 # PCA on the image side: its fitting sample is a write unit of its own, also encoded on both ranks.
 teach(ds, "tiny-image", "tiny-text", out, reduction={"image": "pca:8", "text": None}, batch_size=8,
       pca_sample=24, device="cpu")
+grid.build_grid_store(ds.subset(10), f"{out}/grid.store", batch_size=2, progress=False, device="cpu")
 rank, world = dist_info()
 tower = build_tower("tiny-text", "text")
 with every_rank():  # as a task built on every rank (training) caches its features
@@ -78,7 +85,7 @@ def test_two_rank_teach_and_feature_cache_write_what_one_process_writes(tmp_path
     script.write_text(SCRIPT)
     [one] = _run(script, synth_dir, tmp_path / "one", 1)
     r0, r1 = _run(script, synth_dir, tmp_path / "two", 2)
-    for kind in ("image", "text"):  # the batches were dealt out: each rank encoded its share
+    for kind in ("image", "text", "grid"):  # the batches were dealt out: each rank encoded its share
         assert r0[kind] + r1[kind] == one[kind] and min(r0[kind], r1[kind]) >= one[kind] // 3 > 0
     for kind in ("image", "text"):
         a = FeatureStore.open(tmp_path / "one" / f"{kind}.store")
@@ -90,6 +97,10 @@ def test_two_rank_teach_and_feature_cache_write_what_one_process_writes(tmp_path
         assert np.abs(ra.astype(np.float32)).sum() > 0
         assert _files(a.path) == _files(b.path)  # the same payload, PCA and shard files
     assert a.header.get("teacher") == b.header.get("teacher")
+    ga, gb = FeatureStore.open(tmp_path / "one" / "grid.store"), FeatureStore.open(tmp_path / "two" / "grid.store")
+    assert ga.ids == gb.ids and ga.count == 10 and ga.header["grid"] == gb.header["grid"]
+    assert np.asarray(ga.features).tobytes() == np.asarray(gb.features).tobytes()
+    assert _files(ga.path) == _files(gb.path)
     # The feature cache: one entry, the same bytes, and every rank holds every row.
     ea, eb = _files(tmp_path / "one" / "cache"), _files(tmp_path / "two" / "cache")
     assert len(ea) == 1 and ea == eb

@@ -212,7 +212,8 @@ class DualEncoder(nn.Module):
 
     def fingerprint(self) -> str:
         with torch.no_grad():
-            digest = [round(float(v.double().sum()), 6) for v in self.saved_state().values() if v.is_floating_point()]
+            # On the CPU: the same weights give the same fingerprint whichever device they live on.
+            digest = [round(float(v.cpu().double().sum()), 6) for v in self.saved_state().values() if v.is_floating_point()]
         return _fp(self.image_tower.fingerprint(), self.text_tower.fingerprint(), digest)
 
 
