@@ -49,3 +49,20 @@ def teacher_stores(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     out = tmp_path_factory.mktemp("teachers")
     paths = teach(Dataset.load(synth_dir), "tiny-image", "tiny-text", out)
     return [f"teacher.image_store={paths['image']}", f"teacher.text_store={paths['text']}"]
+
+
+def pixel_grid_store(ds, path: Path) -> Path:
+    """A real grid store made from the images themselves: 4×4 cells of 12-d (2×2 mean colours per
+    cell), for fusion-matcher tests without a CNN."""
+    import numpy as np
+    from PIL import Image
+
+    from itrkit.teachers.store import FeatureStore
+
+    w = FeatureStore.create(path, ds.image_ids, 16 * 12, {"name": "pixels"}, "image", extra={"grid": [16, 12]})
+    for i, r in enumerate(ds.records):
+        a = np.asarray(Image.open(r.path).convert("RGB").resize((32, 32)), dtype=np.float32) / 255.0
+        cells = a.reshape(4, 2, 4, 4, 2, 4, 3).mean(axis=(2, 5))  # (cell row, sub, cell col, sub, rgb)
+        w.write(i, cells.transpose(0, 2, 1, 3, 4).reshape(1, -1))
+    w.close()
+    return path

@@ -13,9 +13,9 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+
+from tests.conftest import pixel_grid_store
 
 GOLDEN = Path(__file__).with_name("golden_metrics.json")
 TINY_DE = ["model.image_tower=tiny-image", "model.text_tower=tiny-text", "model.embed_dim=32", "batch_size=16",
@@ -43,18 +43,6 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
 }
 
 
-def _pixel_grid(ds, path: Path) -> Path:
-    """A 4×4 grid of 12-d cells (mean colours) from the images themselves: a real grid store."""
-    from itrkit.teachers.store import FeatureStore
-
-    w = FeatureStore.create(path, ds.image_ids, 16 * 12, {"name": "pixels"}, "image", extra={"grid": [16, 12]})
-    for i, r in enumerate(ds.records):
-        a = np.asarray(Image.open(r.path).convert("RGB").resize((32, 32)), dtype=np.float32) / 255.0
-        cells = a.reshape(4, 2, 4, 4, 2, 4, 3).mean(axis=(2, 5))
-        w.write(i, cells.transpose(0, 2, 1, 3, 4).reshape(1, -1))
-    w.close()
-    return path
-
 
 @pytest.fixture(scope="module")
 def golden_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
@@ -66,7 +54,7 @@ def golden_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     make_synthetic(root / "syn", n_images=90, captions_per_image=2, seed=5, size=32)
     ds = Dataset.load(root / "syn")
     stores = teach(ds, "tiny-image", "tiny-text", root / "teachers")
-    return {"data": str(root / "syn"), "grid": str(_pixel_grid(ds, root / "grid.store")),
+    return {"data": str(root / "syn"), "grid": str(pixel_grid_store(ds, root / "grid.store")),
             "ti": str(stores["image"]), "tt": str(stores["text"])}
 
 

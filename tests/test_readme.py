@@ -10,9 +10,9 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+
+from tests.conftest import pixel_grid_store
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text(encoding="utf-8")
@@ -48,15 +48,6 @@ def test_every_cli_command_of_the_readme_parses(line: str) -> None:
     assert callable(args.func)
 
 
-def _pixel_grid(ds, path: Path) -> None:
-    from itrkit.teachers.store import FeatureStore
-
-    w = FeatureStore.create(path, ds.image_ids, 16 * 12, {"name": "pixels"}, "image", extra={"grid": [16, 12]})
-    for i, r in enumerate(ds.records):
-        a = np.asarray(Image.open(r.path).convert("RGB").resize((32, 32)), dtype=np.float32) / 255.0
-        w.write(i, a.reshape(4, 2, 4, 4, 2, 4, 3).mean(axis=(2, 5)).transpose(0, 2, 1, 3, 4).reshape(1, -1))
-    w.close()
-
 
 def test_every_python_snippet_of_the_readme_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from itrkit.data.records import Dataset
@@ -67,7 +58,7 @@ def test_every_python_snippet_of_the_readme_runs(tmp_path: Path, monkeypatch: py
     make_synthetic(tmp_path / "data" / "f8k", n_images=60, captions_per_image=2, seed=7, size=32)
     ds = Dataset.load(tmp_path / "data" / "f8k")
     teach(ds.split("train"), "tiny-image", "tiny-text", tmp_path / "teachers")
-    _pixel_grid(ds, tmp_path / "grid.store")
+    pixel_grid_store(ds, tmp_path / "grid.store")
     shutil.copytree(REPO / "configs", tmp_path / "configs")
     real = trainer.train
     runs = []

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from itrkit.cli import main
+from tests.conftest import pixel_grid_store
 
 FAMILIES: dict[str, list[str]] = {
     "dual_encoder": ["model.image_tower=tiny-image", "model.text_tower=tiny-text", "model.embed_dim=16",
@@ -57,16 +57,6 @@ sys.exit(main(argv))
 """
 
 
-def _pixel_grid(ds, path: Path) -> Path:
-    from itrkit.teachers.store import FeatureStore
-
-    w = FeatureStore.create(path, ds.image_ids, 16 * 12, {"name": "pixels"}, "image", extra={"grid": [16, 12]})
-    for i, r in enumerate(ds.records):
-        a = np.asarray(Image.open(r.path).convert("RGB").resize((32, 32)), dtype=np.float32) / 255.0
-        w.write(i, a.reshape(4, 2, 4, 4, 2, 4, 3).mean(axis=(2, 5)).transpose(0, 2, 1, 3, 4).reshape(1, -1))
-    w.close()
-    return path
-
 
 @pytest.fixture(scope="module")
 def family_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
@@ -75,7 +65,7 @@ def family_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("families")
     make_synthetic(root / "syn", n_images=90, captions_per_image=2, seed=4, size=32)
-    return {"data": root / "syn", "grid": _pixel_grid(Dataset.load(root / "syn"), root / "grid.store")}
+    return {"data": root / "syn", "grid": pixel_grid_store(Dataset.load(root / "syn"), root / "grid.store")}
 
 
 def _argv(family: str, d: dict[str, Path], out: Path, *extra: str) -> list[str]:

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from itrkit.config import load_yaml
@@ -18,19 +17,10 @@ from itrkit.errors import NonFiniteLossError, StoreError
 from itrkit.eval.retrieval import metrics_from_scores
 from itrkit.teachers.store import FeatureStore
 from itrkit.train.fusion import FusionTrainer, evaluate_fusion_runs, load_fusion_config, train_fusion
+from tests.conftest import pixel_grid_store
 
 TINY = ["model.embed_dim=16", "model.sim_dim=8", "model.word_dim=16", "model.text_hidden=16", "model.sgr_steps=2"]
 
-
-def pixel_grid_store(ds: Dataset, path: Path) -> Path:
-    """A 4×4 grid of 12-d cells (2×2 mean colours per cell) from the images themselves."""
-    w = FeatureStore.create(path, ds.image_ids, 16 * 12, {"name": "pixels"}, "image", extra={"grid": [16, 12]})
-    for i, r in enumerate(ds.records):
-        a = np.asarray(Image.open(r.path).convert("RGB").resize((32, 32)), dtype=np.float32) / 255.0
-        cells = a.reshape(4, 2, 4, 4, 2, 4, 3).mean(axis=(2, 5))  # (4, 2, 4, 2, 3): cell row, sub, cell col, sub
-        w.write(i, cells.transpose(0, 2, 1, 3, 4).reshape(1, -1))
-    w.close()
-    return path
 
 
 @pytest.fixture(scope="module")
