@@ -196,3 +196,17 @@ def test_device_cuda_through_the_cli_exits_2_with_one_line_and_no_run_folder(
     assert code == 2
     assert len(err) == 1 and err[0].startswith("error: device 'cuda' is not available: torch"), err
     assert not out.exists()
+
+
+def test_compile_is_opt_in_and_keeps_parameter_and_checkpoint_names(tmp_path: Path, synth_dir: Path) -> None:
+    # Only the wrapping is checked here (compiling the first step takes ~30 s on two CPU cores; the
+    # compiled run trains to the same validation RSUM, measured once by hand).
+    names = {}
+    for flag in ("false", "true"):
+        tr = Trainer(tiny_config(tmp_path / flag, synth_dir, f"compile={flag}"), progress=False)
+        tr._build()
+        fwd = tr.module._forward_model[0]
+        assert (fwd is tr.module.model) == (flag == "false")
+        assert (type(fwd).__name__ == "OptimizedModule") == (flag == "true")
+        names[flag] = [n for n, _ in tr.module.named_parameters()], sorted(tr.module.state_dict())
+    assert names["true"] == names["false"]
