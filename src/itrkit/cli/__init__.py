@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = d.add_subparsers(dest="data_cmd", required=True)
     pr = dsub.add_parser("prepare", help="any caption format → a dataset folder with splits")
     pr.add_argument("--format", required=True, choices=FORMATS)
-    pr.add_argument("--source", required=True, help="file or folder of the source data (synthetic: ignored)")
+    pr.add_argument("--source", default=None, help="file or folder of the source data (every format but synthetic)")
     pr.add_argument("--out", required=True)
     pr.add_argument("--image-root", default=None, help="folder the image paths are relative to")
     pr.add_argument("--skip-bad", action="store_true", help="skip bad items and list them instead of stopping")

@@ -52,6 +52,8 @@ def prepare_dataset(fmt: str, source: str | os.PathLike | None, out_dir: str | o
     Returns the dataset as reloaded from ``out_dir`` and the skipped items.
     """
     out = Path(out_dir)
+    if fmt != "synthetic" and source is None:  # before anything is written
+        raise ItrkitError(f"format '{fmt}' needs a source file or folder (--source)")
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise ItrkitError(f"{out} already exists (use --overwrite to replace it)")
     if fmt != "synthetic":
@@ -67,8 +69,7 @@ def prepare_dataset(fmt: str, source: str | os.PathLike | None, out_dir: str | o
 
             ds = make_synthetic(tmp, **options)
         else:
-            if source is None:
-                raise ItrkitError(f"format '{fmt}' needs a source file or folder")
+            assert source is not None
             ds = load_dataset(fmt, source, image_root=image_root, skip_bad=skip_bad, problems=problems, **options)
         if split_files:
             ds = apply_split_files(ds, split_files, skip_bad=skip_bad, problems=problems)

@@ -56,11 +56,10 @@ def make_rerank(score_pairs: PairScorer, k: int, batch_size: int = 512, progress
         img_idx, txt_idx = (query, top) if direction == "i2t" else (top, query)
         flat_i, flat_t = img_idx.reshape(-1), txt_idx.reshape(-1)
         new = torch.empty(flat_i.numel(), dtype=torch.float64)
-        from tqdm.auto import tqdm
+        from itrkit.utils.progress import progress as progress_lines
 
         starts = range(0, flat_i.numel(), batch_size)
-        for s in tqdm(starts, desc=f"re-rank {direction}", unit="batch", leave=False,
-                      disable=not progress or None):
+        for s in progress_lines(starts, desc=f"re-rank {direction}", unit="batch", enabled=progress):
             out = torch.as_tensor(score_pairs(flat_i[s:s + batch_size], flat_t[s:s + batch_size]))
             out = out.detach().reshape(-1).to(torch.float64)
             if out.numel() != min(batch_size, flat_i.numel() - s):

@@ -82,11 +82,11 @@ def dataset_from_source(source: str | Path, split: str | None = None) -> Dataset
 def _embed(fn: Any, items: list[Any], what: str, ids: list[str], batch_size: int,
            progress: bool) -> np.ndarray | None:
     """Run an encoder method over ``items`` in batches; check it returns finite [n, d] float rows."""
-    from tqdm import tqdm
+    from itrkit.utils.progress import progress as progress_lines
 
     outs: list[np.ndarray] = []
     starts = range(0, len(items), batch_size)
-    for start in tqdm(starts, desc=f"embedding {what}", unit="batch", disable=None if progress else True):
+    for start in progress_lines(starts, desc=f"embedding {what}", unit="batch", enabled=progress):
         out = fn(items[start:start + batch_size])
         if out is None:
             if outs:

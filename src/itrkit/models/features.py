@@ -36,12 +36,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from itrkit.errors import ConfigError, DataError
 from itrkit.models.base import Tower
 from itrkit.utils.device import all_agree, barrier, broadcast_flags, move_to, sharded, work_ranks
 from itrkit.utils.io import atomic_path, atomic_write_json, default_cache_dir, fingerprint
+from itrkit.utils.progress import progress
 
 FEATURES_FORMAT = "itrkit-features/1"
 PARTIAL_FORMAT = "itrkit-features-partial/1"
@@ -98,12 +98,16 @@ def _compute(tower: Tower, items: list[Any], batch_size: int, desc: str | None,
             yield tower(move_to(tower.prepare(batch), device, non_blocking=True)).float().cpu()
 
     try:
-        with torch.inference_mode(), tqdm(total=n, desc=desc or f"{tower.modality} features",
-                                          unit=tower.modality, disable=None if rank == 0 else True) as bar, \
+        # The first line names the tower and the cache entry: a first Flickr8k run spends minutes here.
+        what = f"{tower.modality} features with the {tower.spec.get('name', '?')} tower"
+        cached_at = partial.folder.with_suffix(".safetensors") if partial is not None else None
+        with torch.inference_mode(), progress(total=n, desc=desc or f"{tower.modality} features",
+                                              unit=tower.modality, what=what, cached_at=cached_at,
+                                              enabled=rank == 0) as bar, \
                 concurrent.futures.ThreadPoolExecutor(max_workers=1) as saver:
             pending: concurrent.futures.Future | None = None
             todo = [st for st in starts if (st // shard_items if world > 1 or saving else -1) not in skip]
-            bar.update(n - sum(min(batch_size, n - st) for st in todo))
+            bar.skip(n - sum(min(batch_size, n - st) for st in todo))
             mine = todo[rank::world] if world > 1 else todo
             for start, got in sharded(todo, None, mine=encode(mine)):
                 shard = start // shard_items

@@ -57,7 +57,7 @@ class FusionMatcher(nn.Module):
     def score_all(self, regions: Tensor, tokens: Tensor, lengths: Tensor, img_chunk: int = 100,
                   txt_chunk: int = 500, progress: bool = True) -> Tensor:
         """The full (N_img, N_txt) score matrix, computed in blocks so memory stays bounded."""
-        from tqdm.auto import tqdm
+        from itrkit.utils.progress import progress as progress_lines
 
         was_training = self.training
         self.eval()
@@ -67,7 +67,8 @@ class FusionMatcher(nn.Module):
                    for s in range(0, len(tokens), txt_chunk)]
             out = torch.empty(len(regions), len(tokens))
             blocks = [(i, t) for i in range(0, len(img), img_chunk) for t in range(len(enc))]
-            for i, t in tqdm(blocks, desc="fusion scores", disable=not progress or None, leave=False):
+            for i, t in progress_lines(blocks, desc="fusion scores", unit="block", enabled=progress,
+                                       what=f"the {len(regions)} x {len(tokens)} score matrix"):
                 words, lens = enc[t]
                 out[i:i + img_chunk, t * txt_chunk:t * txt_chunk + len(words)] = self.score(
                     img[i:i + img_chunk], words, lens).float()

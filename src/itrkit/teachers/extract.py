@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from itrkit.errors import ConfigError, ItrkitError, StoreError
 from itrkit.teachers.reduce import PCA, Reducer, parse_reduction
@@ -48,6 +47,7 @@ from itrkit.utils.device import (
     work_ranks,
 )
 from itrkit.utils.io import fingerprint
+from itrkit.utils.progress import Progress
 
 MPNET_NAMES = ("mpnet", "all-mpnet-base-v2")
 
@@ -228,7 +228,8 @@ def extract_teacher(encoder: nn.Module | Callable[[list[Any]], Any], items: Sequ
         writer.state = {"token_shape": list(reducer.token_shape) if reducer.token_shape else None,
                         "input_dim": reducer.input_dim}
 
-    bar = tqdm(total=n, desc=f"{kind} teacher {name}", unit="item", disable=None if progress and lead else True)
+    bar = Progress(total=n, desc=f"{kind} teacher {name}", unit="item", enabled=progress and lead,
+                   what=f"{kind} teacher features ({name})", cached_at=out_path)
     t0 = time.perf_counter()
     done: set[int] = set()
     store = None
@@ -243,7 +244,7 @@ def extract_teacher(encoder: nn.Module | Callable[[list[Any]], Any], items: Sequ
             if writer.resumed_rows:
                 print(f"resuming {out_path}: {writer.shards_done} of {writer.n_shards} shards "
                       f"({writer.resumed_rows} of {n} items) kept from the interrupted run", file=sys.stderr)
-                bar.update(writer.resumed_rows)
+                bar.skip(writer.resumed_rows)
         n_lead = 1 if sample_order is not None else 0
         if world > 1:  # every rank skips the units rank 0 kept
             flags = broadcast_flags([k in done for k in range(n_lead + len(rest_batches))])

@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from itrkit.errors import ConfigError, StoreError
 from itrkit.teachers.store import FeatureStore, data_fingerprint, resume_info
@@ -40,6 +39,7 @@ from itrkit.utils.device import (
     sharded,
     work_ranks,
 )
+from itrkit.utils.progress import Progress
 
 GRID_MODELS = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
 
@@ -175,7 +175,8 @@ def _build_grid_store(dataset: Any, out_path: Path, ids: list[str], paths: list[
                                    job=job, groups=groups if job else None)
 
     t0 = time.perf_counter()
-    bar = tqdm(total=len(ids), desc=f"grid {model}", unit="img", disable=None if progress and lead else True)
+    bar = Progress(total=len(ids), desc=f"grid {model}", unit="img", enabled=progress and lead,
+                   what=f"grid region features ({model})", cached_at=out_path)
     store = None
     try:
         prior = resume_info(out_path, job) if job and lead else None
@@ -184,7 +185,7 @@ def _build_grid_store(dataset: Any, out_path: Path, ids: list[str], paths: list[
             if writer.resumed_rows:
                 print(f"resuming {out_path}: {writer.shards_done} of {writer.n_shards} shards "
                       f"({writer.resumed_rows} of {len(ids)} images) kept from the interrupted run", file=sys.stderr)
-                bar.update(writer.resumed_rows)
+                bar.skip(writer.resumed_rows)
         done = [writer is not None and k in writer.done_units for k in range(len(chunks))]
         if world > 1:  # every rank skips the batches rank 0 kept
             done = broadcast_flags(done)
