@@ -120,9 +120,9 @@ def test_every_tensor_entering_model_and_loss_is_on_the_device_dual_encoder(
 def grid_store(tmp_path_factory: pytest.TempPathFactory, synth_dir: Path) -> str:
     from itrkit.data.records import Dataset
 
-    from ..test_golden import _pixel_grid
+    from ..conftest import pixel_grid_store
 
-    return str(_pixel_grid(Dataset.load(synth_dir), tmp_path_factory.mktemp("grid") / "grid.store"))
+    return str(pixel_grid_store(Dataset.load(synth_dir), tmp_path_factory.mktemp("grid") / "grid.store"))
 
 
 @pytest.mark.parametrize("device", _devices())
