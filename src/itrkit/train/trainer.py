@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -120,6 +121,9 @@ class Trainer:
         # The device first (a bad one is one line, nothing written), then the process group: NCCL
         # needs this rank's GPU made current before it starts.
         self.device = resolve_device(cfg.device)
+        if self.device.type == "cuda":
+            # Deterministic cuBLAS (set before its first handle), so a resumed CUDA run stays exact.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         self.rank, self.world = init_distributed(self.device)
         torch.use_deterministic_algorithms(True, warn_only=True)
         if dataset is None:
