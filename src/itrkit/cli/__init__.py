@@ -35,6 +35,8 @@ def _load_train_config(a: argparse.Namespace):
         overrides.append(f"out={a.out}")
     if getattr(a, "device", None):
         overrides.append(f"device={a.device}")
+    if getattr(a, "report_to", None):
+        overrides.append(f"report_to={a.report_to}")
     if getattr(a, "resume", False) and a.out and not a.config and (Path(a.out) / "config.yaml").is_file():
         return load_train_config(Path(a.out) / "config.yaml", [o for o in overrides if not o.startswith("out=")] + [f"out={a.out}"])
     return load_train_config(resolve_config(a.config) if a.config else None, overrides)
@@ -119,8 +121,21 @@ def _cmd_teach(a: argparse.Namespace) -> int:
     return 0
 
 
+def package_version() -> str:
+    """The installed distribution's version (``pip install``), else the source tree's ``itrkit.__version__``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("itrkit")
+    except PackageNotFoundError:
+        import itrkit
+
+        return itrkit.__version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="itrkit", description="Image-text retrieval: train, evaluate, search.")
+    p.add_argument("--version", action="version", version=f"itrkit {package_version()}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     d = sub.add_parser("data", help="prepare data sets")
@@ -198,10 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_argument(ef)
     ef.set_defaults(func=_cmd_eval_fusion, eccv=False, sts=None, unimodal=None, cache=None, annotations=None)
 
-    from itrkit.cli import grid, index, report, reproduce
+    from itrkit.cli import grid, index, report, reproduce, runs
     from itrkit.cli.export import add_export_parser
 
-    for mod in (index, reproduce, report, grid):
+    for mod in (index, reproduce, report, grid, runs):
         mod.add_parsers(sub)
     add_export_parser(sub)
     return p
@@ -213,6 +228,9 @@ def _train_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--out", help="run folder (= --set out=...)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--quiet", action="store_true")
+    t.add_argument("--report-to", default=None, metavar="LIST",
+                   help="also log to csv (metrics.csv) and/or tensorboard, comma-separated (= --set report_to=...); "
+                        "train.log (jsonl) is always written")
     add_device_argument(t, default=None)  # None: the config's device (default auto)
 
 

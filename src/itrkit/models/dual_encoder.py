@@ -23,6 +23,29 @@ from itrkit.models.base import Tower
 from itrkit.utils.device import move_to
 from itrkit.utils.io import fingerprint as _fp
 
+# What encode_images takes: paths, PIL images, arrays, a list of them, or an N×H×W×C array.
+ImageInputs = Any
+
+
+def _image_list(items: ImageInputs) -> list[Any]:
+    """One image or many → a list of single images (what the towers' ``prepare`` takes)."""
+    from pathlib import PurePath
+
+    if isinstance(items, str | PurePath) or hasattr(items, "getpixel"):  # a path or a PIL image
+        return [items]
+    if isinstance(items, np.ndarray):
+        return list(items) if items.ndim == 4 else [items]
+    if isinstance(items, torch.Tensor):
+        from itrkit.errors import DataError
+
+        raise DataError("encode_images takes paths, PIL images or NumPy arrays; for tower features use "
+                        "embed_features")
+    return list(items)
+
+
+def _text_list(texts: str | list[str]) -> list[str]:
+    return [texts] if isinstance(texts, str) else list(texts)
+
 
 @dataclass
 class ModelConfig:
@@ -163,17 +186,25 @@ class DualEncoder(nn.Module):
             return np.zeros((0, self.config.embed_dim), np.float32)
         return torch.cat(outs).numpy()
 
-    def encode_images(self, items: list[Any], batch_size: int = 32) -> np.ndarray:
-        return self._encode(items, self.image_tower, "image_embeds", batch_size)  # type: ignore[return-value]
+    def encode_images(self, items: ImageInputs, batch_size: int = 32) -> np.ndarray:
+        """Images → L2-normalised cross-modal embeddings ``(N, embed_dim)`` float32 on the CPU.
 
-    def encode_texts(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
-        return self._encode(texts, self.text_tower, "text_embeds", batch_size)  # type: ignore[return-value]
+        ``items``: a list of image paths, PIL images or ``H×W×3`` / ``H×W`` arrays (uint8, or
+        floats in [0, 1]), or one of them alone (then ``N = 1``); an ``N×H×W×3`` array is N images.
+        """
+        return self._encode(_image_list(items), self.image_tower, "image_embeds", batch_size)  # type: ignore[return-value]
 
-    def encode_images_uni(self, items: list[Any], batch_size: int = 32) -> np.ndarray | None:
-        return self._encode(items, self.image_tower, "image_uni", batch_size)
+    def encode_texts(self, texts: str | list[str], batch_size: int = 64) -> np.ndarray:
+        """Captions (a list, or one string) → L2-normalised embeddings ``(N, embed_dim)`` float32."""
+        return self._encode(_text_list(texts), self.text_tower, "text_embeds", batch_size)  # type: ignore[return-value]
 
-    def encode_texts_uni(self, texts: list[str], batch_size: int = 64) -> np.ndarray | None:
-        return self._encode(texts, self.text_tower, "text_uni", batch_size)
+    def encode_images_uni(self, items: ImageInputs, batch_size: int = 32) -> np.ndarray | None:
+        """Uni-modal (USA head) image embeddings, or None for a model without USA heads."""
+        return self._encode(_image_list(items), self.image_tower, "image_uni", batch_size)
+
+    def encode_texts_uni(self, texts: str | list[str], batch_size: int = 64) -> np.ndarray | None:
+        """Uni-modal (USA head) caption embeddings, or None for a model without USA heads."""
+        return self._encode(_text_list(texts), self.text_tower, "text_uni", batch_size)
 
     @torch.inference_mode()
     def embed_features(self, image_features: np.ndarray | torch.Tensor | None, text_features: np.ndarray | torch.Tensor | None,

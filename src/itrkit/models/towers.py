@@ -114,6 +114,32 @@ def build_tower(spec: str | dict[str, Any], modality: str) -> Tower:
 
 
 # --- image inputs shared by the image towers --------------------------------------------------
+def _uint8_hwc(a: Any) -> Any:
+    """An image array → ``H×W``, ``H×W×3`` or ``H×W×4`` uint8: floats in [0, 1] are scaled to 0–255,
+    a channels-first ``3×H×W`` array is transposed, a trailing single channel dropped."""
+    import numpy as np
+
+    from itrkit.errors import DataError
+
+    a = np.asarray(a)
+    if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
+        a = np.moveaxis(a, 0, -1)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
+        raise DataError(f"an image array must be H×W, H×W×3 or H×W×4, got shape {a.shape}")
+    if a.dtype == np.uint8:
+        return a
+    if np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all():
+            raise DataError("an image array holds NaN or infinite values")
+        scale = 255.0 if float(a.max(initial=0.0)) <= 1.0 else 1.0  # [0, 1] floats, else 0–255 floats
+        return np.clip(np.rint(a * scale), 0, 255).astype(np.uint8)
+    if np.issubdtype(a.dtype, np.integer) or a.dtype == bool:
+        return np.clip(a.astype(np.int64) * (255 if a.dtype == bool else 1), 0, 255).astype(np.uint8)
+    raise DataError(f"an image array of dtype {a.dtype} is not an image")
+
+
 def images_to_tensor(items: list[Any], size: int, mean: tuple[float, ...], std: tuple[float, ...],
                      scale: str = "unit", resize: str = "shorter"):
     """Image paths / PIL images / HxWx3 uint8 arrays → float32 tensor ``[B, 3, size, size]``.
@@ -131,7 +157,7 @@ def images_to_tensor(items: list[Any], size: int, mean: tuple[float, ...], std: 
     arrays = []
     for item in items:
         if isinstance(item, np.ndarray):
-            item = Image.fromarray(item)
+            item = Image.fromarray(_uint8_hwc(item))
         elif not isinstance(item, Image.Image):
             item = load_image(item)
         arrays.append(preprocess(item, size, mean, std, scale=scale, resize=resize))

@@ -159,6 +159,8 @@ class TrainConfig:
     cache_dir: str = ""  # tower-feature cache ('' = $ITRKIT_CACHE or ~/.cache/itrkit)
     threads: int = 0  # torch threads (0 = leave as is)
     log_every: int = 50
+    # Besides train.log (jsonl, always): csv (metrics.csv) and/or tensorboard; a list or "csv,tensorboard".
+    report_to: Any = field(default_factory=list)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast around the model's forward; losses stay float32;
     # fp16 with a gradient scaler whose state is checkpointed)
     device: str = "auto"  # auto (CUDA, else MPS, else CPU) | cpu | cuda | cuda:N | mps; torchrun: cuda:LOCAL_RANK
@@ -199,6 +201,9 @@ class TrainConfig:
             raise ConfigError(f"precision must be fp32, bf16 or fp16, got '{self.precision}'")
         if not isinstance(self.device, str) or not self.device.strip():
             raise ConfigError("device must be auto, cpu, cuda, cuda:N or mps")
+        from itrkit.train.reporters import parse_report_to
+
+        self.report_to = parse_report_to(self.report_to)
 
     def weights(self, stage: StageConfig) -> dict[str, float]:
         w = {k: float(getattr(self.loss, k)) for k in LOSS_TERMS}
