@@ -144,3 +144,25 @@ def test_resuming_an_fp32_checkpoint_as_fp16_is_refused(tmp_path: Path, synth_di
     with pytest.raises(ItrkitError, match="no fp16 gradient-scaler state"):
         train(tiny_config(tmp_path / "r", synth_dir, "stages.0.epochs=2", "precision=fp16"), resume=True,
               progress=False)
+
+
+def test_fp16_clips_the_unscaled_gradients(tmp_path: Path, synth_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Clipping must see the true gradients: on the scaled ones (x 4096 and more here) every step
+    # would be clipped to a tiny fraction of itself.
+    norms: dict[str, list[float]] = {"fp32": [], "fp16": []}
+    orig = torch.nn.utils.clip_grad_norm_
+    key = ["fp32"]
+
+    def spy(params, max_norm, *args, **kwargs):  # type: ignore[no-untyped-def]
+        total = orig(params, max_norm, *args, **kwargs)
+        norms[key[0]].append(float(total))
+        return total
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    train(tiny_config(tmp_path / "fp32", synth_dir, "grad_clip=100"), progress=False)
+    key[0] = "fp16"
+    m = train(tiny_config(tmp_path / "fp16", synth_dir, "grad_clip=100", "precision=fp16"), progress=False)
+    finite = [n for n in norms["fp16"] if np.isfinite(n)]
+    assert len(norms["fp16"]) == m["steps"] and len(finite) >= m["steps"] // 2  # overflowed steps: inf, skipped
+    ref = float(np.median(norms["fp32"]))
+    assert 0.2 * ref < float(np.median(finite)) < 5 * ref  # unscaled: the size of fp32's gradients
