@@ -6,8 +6,9 @@
 
 Writes one JSON file (``--out``, default ``gpu_check.json``) and prints a table:
 
-(a) parity: the same tiny-model training steps on the CPU and on ``--device`` (fp32, TF32 off):
-    every logged loss agrees to 1e-4 relative;
+(a) parity: the same tiny-model training steps (InfoNCE + CSA + USA) on the CPU and on ``--device``
+    (fp32, TF32 off): every logged loss agrees to 1e-4 relative, and no tensor entering the model or
+    the loss during the device run's steps is elsewhere (forward pre-hooks on every module);
 (b) resume: a 1-process ``torchrun`` training run on ``--device``, SIGKILLed mid-epoch and resumed
     with ``--resume``, ends with the same weights, optimizer state and RNG as (a)'s uninterrupted run;
 (c) throughput of a model the size of CLIP ViT-B/32 (``transformers.CLIPConfig()`` defaults, random
@@ -53,7 +54,7 @@ n, argv = int(sys.argv[1]), sys.argv[2:]
 count = [0]
 orig = data.PairData.batch
 def batch(self, idx):
-    if self.n_pairs > 100:  # training batches only
+    if self.n_pairs > 100:  # training batches only (teacher rows are attached to them too)
         count[0] += 1
         if count[0] == n:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -79,20 +80,62 @@ def _losses(run: Path) -> list[float]:
 
 
 # --- (a) ---------------------------------------------------------------------------------------------------
+def _cusa_sets(data: Path, work: Path) -> list[str]:
+    """CUSA terms for the tiny runs, so teacher rows and the soft-label temperatures take part
+    (teacher stores extracted once; a second call reuses them)."""
+    from itrkit.data.records import Dataset
+    from itrkit.teachers.extract import teach
+
+    stores = teach(Dataset.load(data), "tiny-image", "tiny-text", work / "tiny-teachers", device="cpu")
+    return ["model.usa_heads=true", "loss.csa=1", "loss.usa=1", "loss.tau_teacher=0.1",
+            f"teacher.image_store={stores['image']}", f"teacher.text_store={stores['text']}"]
+
+
+def _tensors(x: Any) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, dict):
+        return [t for v in x.values() for t in _tensors(v)]
+    if isinstance(x, list | tuple):
+        return [t for v in x for t in _tensors(v)]
+    return []
+
+
 def check_parity(device: torch.device, data: Path, work: Path, quick: bool) -> dict[str, Any]:
+    """Also audits the device run: a forward pre-hook on every module of the model and of the loss
+    counts the tensor inputs of training steps that are not on the device (must be none)."""
     from itrkit.train.config import load_train_config
-    from itrkit.train.trainer import train
+    from itrkit.train.trainer import Trainer
 
     epochs = 2
     runs = {}
+    audit = {"inputs": 0, "off_device": 0}
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if module.training:
+            for t in _tensors((args, kwargs)):
+                audit["inputs"] += 1
+                audit["off_device"] += t.device.type != device.type
+
+    class Audited(Trainer):
+        def _build(self) -> None:
+            super()._build()
+            if self.device == device and name == "device":
+                for mod in (self.task.model, self.task.loss):
+                    for m in mod.modules():
+                        m.register_forward_pre_hook(hook, with_kwargs=True)
+
+    cusa = _cusa_sets(data, work)
     for name, dev in (("cpu", "cpu"), ("device", str(device))):
-        cfg = load_train_config(None, _tiny_sets(data, work / f"parity-{name}", dev, work / f"cache-{name}", epochs))
-        train(cfg, progress=False)
+        cfg = load_train_config(None, _tiny_sets(data, work / f"parity-{name}", dev, work / f"cache-{name}", epochs)
+                                + cusa)
+        Audited(cfg, progress=False).fit()
         runs[name] = _losses(work / f"parity-{name}")
     a, b = np.asarray(runs["cpu"]), np.asarray(runs["device"])
     rel = float(np.max(np.abs(a - b) / np.maximum(np.abs(a), 1e-12))) if len(a) == len(b) else float("inf")
     return {"steps": len(a), "max_rel_loss_diff": rel, "first_loss_cpu": float(a[0]), "first_loss_device": float(b[0]),
-            "ok": len(a) == len(b) and rel <= 1e-4}
+            "hooked_inputs": audit["inputs"], "off_device_inputs": audit["off_device"],
+            "ok": len(a) == len(b) and rel <= 1e-4 and audit["inputs"] > 0 and audit["off_device"] == 0}
 
 
 # --- (b) ---------------------------------------------------------------------------------------------------
@@ -118,9 +161,10 @@ def check_resume(device: torch.device, data: Path, work: Path, quick: bool) -> d
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     killer = work / "killer.py"
     killer.write_text(KILLER)
+    cusa = _cusa_sets(data, work)
 
     def run(script: list[str], out: Path, resume: bool = False) -> subprocess.CompletedProcess:
-        sets = _tiny_sets(data, out, str(device), work / "cache-device", epochs) + ["checkpoint_every=3"]
+        sets = _tiny_sets(data, out, str(device), work / "cache-device", epochs) + cusa + ["checkpoint_every=3"]
         argv = ["train", "--quiet", *[x for s in sets for x in ("--set", s)]] + (["--resume"] if resume else [])
         return subprocess.run([*_torchrun(), *script, *argv], capture_output=True, text=True, env=env)
 
@@ -317,7 +361,8 @@ def _table(result: dict[str, Any]) -> str:
             continue
         r = result[key]
         if key == "parity":
-            s = f"{r.get('steps')} steps, max rel loss diff {r.get('max_rel_loss_diff', float('nan')):.2e} (<= 1e-4)"
+            s = f"{r.get('steps')} steps, max rel loss diff {r.get('max_rel_loss_diff', float('nan')):.2e} (<= 1e-4); " \
+                f"{r.get('off_device_inputs')} of {r.get('hooked_inputs')} model/loss inputs off the device"
         elif key == "resume":
             s = f"SIGKILL at batch {r.get('killed_at_batch')}, resumed: bitwise {r.get('bitwise')}, " \
                 f"max |diff| {r.get('max_abs_diff')}"

@@ -1,6 +1,7 @@
-"""``scripts/gpu_check.py --device cpu --quick`` runs every part (parity, torchrun kill + resume,
-CLIP-sized throughput, evaluation vs a bare matmul, teacher extraction) at tiny sizes, so the
-script cannot rot; and a device that is not there is one line, exit 2, nothing written."""
+"""``scripts/gpu_check.py --device cpu --quick`` runs every part (parity with the device hooks,
+torchrun kill + resume, CLIP-sized throughput, evaluation vs a bare matmul, teacher extraction) at
+tiny sizes, so the script cannot rot; and a device that is not there is one line, exit 2, nothing
+written."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ def test_quick_cpu_run_passes_every_part_and_writes_json_and_table(tmp_path: Pat
     r = json.loads(out.read_text())
     assert r["ok"] and r["device"] == "cpu" and r["quick"]
     assert r["parity"]["ok"] and r["parity"]["steps"] >= 8 and r["parity"]["max_rel_loss_diff"] <= 1e-4
+    assert r["parity"]["hooked_inputs"] > 100 and r["parity"]["off_device_inputs"] == 0
     assert r["resume"]["ok"] and r["resume"]["bitwise"] and r["resume"]["killed_rc"] != 0
     rows = r["clip"]["rows"]
     assert {(x["precision"], x["loss"]) for x in rows} == {(p, lo) for p in ("fp32", "bf16") for lo in ("infonce", "cusa")}
