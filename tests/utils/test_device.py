@@ -209,3 +209,21 @@ def test_without_a_process_group_the_sharding_helpers_are_the_identity() -> None
     assert dev.broadcast_flags([True, False]) == [True, False] and dev.all_agree(False) is False
     got = list(dev.sharded([1, 2, 3], lambda units: (torch.tensor([u * 10]) for u in units)))
     assert [(u, int(t)) for u, t in got] == [(1, 10), (2, 20), (3, 30)]
+
+
+@pytest.mark.parametrize("cmd", ["teach", "grid", "index build"])
+def test_every_computing_command_with_device_cuda_and_no_cuda_exits_2_writing_nothing(
+        no_gpu: None, tmp_path, capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest, cmd: str) -> None:
+    from itrkit.cli import main
+
+    data = str(request.getfixturevalue("synth_dir"))
+    out = tmp_path / "out"
+    argv = {"teach": ["teach", "--data", data, "--out", str(out), "--image-teacher", "tiny-image",
+                      "--text-teacher", "tiny-text"],
+            "grid": ["grid", data, "--out", str(out)],
+            "index build": ["index", "build", "--run", str(tmp_path / "no-run"), "--images", data, "--out", str(out)]}[cmd]
+    code = main([*argv, "--device", "cuda"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: device 'cuda' is not available"), err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
