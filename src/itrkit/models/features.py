@@ -99,7 +99,7 @@ def _compute(tower: Tower, items: list[Any], batch_size: int, desc: str | None,
 
     try:
         # The first line names the tower and the cache entry: a first Flickr8k run spends minutes here.
-        what = f"{tower.modality} features with the {tower.spec.get('name', '?')} tower"
+        what = f"computing {tower.modality} features with the {tower.spec.get('name', '?')} tower"
         cached_at = partial.folder.with_suffix(".safetensors") if partial is not None else None
         with torch.inference_mode(), progress(total=n, desc=desc or f"{tower.modality} features",
                                               unit=tower.modality, what=what, cached_at=cached_at,

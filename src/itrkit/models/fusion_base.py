@@ -68,7 +68,7 @@ class FusionMatcher(nn.Module):
             out = torch.empty(len(regions), len(tokens))
             blocks = [(i, t) for i in range(0, len(img), img_chunk) for t in range(len(enc))]
             for i, t in progress_lines(blocks, desc="fusion scores", unit="block", enabled=progress,
-                                       what=f"the {len(regions)} x {len(tokens)} score matrix"):
+                                       what=f"scoring {len(regions)} images x {len(tokens)} captions"):
                 words, lens = enc[t]
                 out[i:i + img_chunk, t * txt_chunk:t * txt_chunk + len(words)] = self.score(
                     img[i:i + img_chunk], words, lens).float()

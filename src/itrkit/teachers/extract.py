@@ -229,7 +229,7 @@ def extract_teacher(encoder: nn.Module | Callable[[list[Any]], Any], items: Sequ
                         "input_dim": reducer.input_dim}
 
     bar = Progress(total=n, desc=f"{kind} teacher {name}", unit="item", enabled=progress and lead,
-                   what=f"{kind} teacher features ({name})", cached_at=out_path)
+                   what=f"computing {kind} teacher features with {name}", cached_at=out_path)
     t0 = time.perf_counter()
     done: set[int] = set()
     store = None

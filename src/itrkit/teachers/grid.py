@@ -176,7 +176,7 @@ def _build_grid_store(dataset: Any, out_path: Path, ids: list[str], paths: list[
 
     t0 = time.perf_counter()
     bar = Progress(total=len(ids), desc=f"grid {model}", unit="img", enabled=progress and lead,
-                   what=f"grid region features ({model})", cached_at=out_path)
+                   what=f"computing grid region features with {model}", cached_at=out_path)
     store = None
     try:
         prior = resume_info(out_path, job) if job and lead else None

@@ -330,7 +330,9 @@ def resolve_config(name: str) -> Path:
     if p.is_file():
         return p
     stem = name if name.endswith(".yaml") else f"{name}.yaml"
-    for root in (Path.cwd() / "configs", Path(__file__).resolve().parents[3] / "configs"):
+    # ./configs, then the package's own (itrkit/configs: the checkout's configs/, shipped in the wheel).
+    for root in (Path.cwd() / "configs", Path(__file__).resolve().parents[1] / "configs",
+                 Path(__file__).resolve().parents[3] / "configs"):
         for cand in (root / stem, root / "fusion" / stem):
             if cand.is_file():
                 return cand

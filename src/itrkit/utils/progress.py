@@ -83,13 +83,14 @@ class Progress:
         self._lines = 0
         self.mode = _mode(self.stream) if enabled else "off"
         self.interval = _interval()
-        self._t0 = self._last = time.monotonic()
+        self._t0 = time.monotonic()
+        self._next = self._t0 + self.interval  # deadlines on a fixed grid: a steady pace without drift
         if self.mode == "off":
             return
         if what:
             where = f"; cached at {cached_at}" if cached_at else ""
             count = f" ({total} {unit})" if total is not None else ""
-            self._write(f"{PREFIX} {desc or 'working'}: computing {what}{count}{where}")
+            self._write(f"{PREFIX} {desc or 'working'}: {what}{count}{where}")
         if self.mode == "bar":
             from tqdm.auto import tqdm
 
@@ -132,8 +133,10 @@ class Progress:
         now = time.monotonic()
         if self.total is not None and self.n >= self.total:
             return  # close() writes the closing tally
-        if now - self._last >= self.interval:
-            self._last = now
+        if now >= self._next:
+            self._next += self.interval
+            if self._next <= now:  # a long stall: restart the grid from now
+                self._next = now + self.interval
             self._line(now)
 
     def set_postfix(self, **values: Any) -> None:
@@ -189,8 +192,8 @@ def progress(iterable: Iterable[Any] | None = None, total: int | None = None, de
     """A tqdm bar on a terminal, steady plain lines on stderr otherwise (see the module doc).
 
     ``iterable``: iterate the result to get its items (updates itself); without one, call
-    ``update(n)`` / ``close()``. ``what`` / ``cached_at`` make the first line say what is computed
-    and where it is kept. ``enabled=False`` is silent (``--quiet``, ranks other than 0).
+    ``update(n)`` / ``close()``. ``what`` ("computing image features with the clip tower") and
+    ``cached_at`` make the first line say what is computed and where it is kept. ``enabled=False`` is silent (``--quiet``, ranks other than 0).
     """
     return Progress(iterable, total=total, desc=desc, unit=unit, what=what, cached_at=cached_at,
                     enabled=enabled, stream=stream, leave=leave)
