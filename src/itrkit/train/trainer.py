@@ -30,19 +30,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
 from itrkit.config import save_config, to_dict
 from itrkit.data.records import Dataset
 from itrkit.errors import ConfigError, ItrkitError, NonFiniteLossError
 from itrkit.eval.evaluators import is_improvement
-from itrkit.losses.distributed import gather_features
 from itrkit.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from itrkit.train.config import StageConfig, TrainConfig
+from itrkit.train.reporters import Reporters, check_available
 from itrkit.train.tasks import TrainingTask, build_task
 from itrkit.utils.device import every_rank, init_distributed, move_to, resolve_device
 from itrkit.utils.io import atomic_write_json
 from itrkit.utils.lock import RunLock
+from itrkit.utils.progress import progress as progress_bar
 
 # fp16's dynamic loss scale (torch.amp.GradScaler's defaults; module constants so tests can make the
 # scale move within a few steps)
@@ -80,12 +80,11 @@ class TrainModule(nn.Module):
         out = {k: v.float() if torch.is_floating_point(v) else v for k, v in out.items()}
         if self.gather:
             # Losses over the global batch: features gathered with gradient (open_clip semantics).
-            keys = [k for k in self.task.gather_keys if k in out]
-            gathered = gather_features(*[out[k] for k in keys])
-            out = {**out, **dict(zip(keys, gathered))}
-            bkeys = [k for k in self.task.batch_gather_keys if k in batch]
-            gb = gather_features(*[batch[k] for k in bkeys], gather_with_grad=False)
-            batch = {**batch, **dict(zip(bkeys, gb))}
+            out, batch = self.task.gather(out, batch)
+        # What needs the whole (gathered) batch, e.g. a fusion matcher's B×B scores.
+        with torch.autocast(device_type=device, dtype=dtype, enabled=self.autocast_dtype is not None):
+            out = self.task.after_gather(out)
+        out = {k: v.float() if torch.is_floating_point(v) else v for k, v in out.items()}
         return self.task.compute(out, batch)
 
 
@@ -125,6 +124,9 @@ class Trainer:
             # Deterministic cuBLAS (set before its first handle), so a resumed CUDA run stays exact.
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         self.rank, self.world = init_distributed(self.device)
+        check_available(cfg.report_to)  # a missing tensorboard is one line, before anything is written
+        self.reporters = Reporters(cfg.report_to if self.rank == 0 else [], self.run_dir)
+        self.step = 0
         torch.use_deterministic_algorithms(True, warn_only=True)
         if dataset is None:
             if not cfg.data.path:
@@ -167,6 +169,7 @@ class Trainer:
         record = {"time": round(time.time(), 3), **record}
         with open(self.run_dir / "train.log", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        self.reporters.write(record)  # report_to: metrics.csv, TensorBoard
 
     def _build(self) -> None:
         cfg = self.cfg
@@ -279,6 +282,7 @@ class Trainer:
         finally:
             torch.set_num_threads(threads)  # a library call leaves the process as it found it
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+            self.reporters.close()
             if self._lock is not None:
                 self._lock.release()
                 self._lock = None
@@ -296,10 +300,23 @@ class Trainer:
         old_handler = signal.signal(signal.SIGINT, self._on_sigint) if self.rank == 0 else None
         try:
             step = self._run_stages(ckpt, start)
+        except BaseException as e:
+            self._log_stop(e)
+            raise
         finally:
             if old_handler is not None:
                 signal.signal(signal.SIGINT, old_handler)
         return self._finish(step)
+
+    def _log_stop(self, e: BaseException) -> None:
+        """The last ``train.log`` record says why the run stopped (``itrkit runs`` shows it)."""
+        if self.rank != 0:
+            return
+        event = "interrupted" if isinstance(e, Interrupted | KeyboardInterrupt) else "failed"
+        try:
+            self.log(event=event, step=self.step, error=(str(e).splitlines() or [type(e).__name__])[0])
+        except Exception:  # a full disk must not hide the original error
+            pass
 
     def _run_stages(self, ckpt: tuple[dict, dict] | None, start: dict[str, int]) -> int:
         cfg = self.cfg
@@ -308,7 +325,7 @@ class Trainer:
             start = {k: int(meta[k]) for k in ("stage", "epoch", "batch", "step")}
             self.best, self.history = meta["best"], meta["history"]
             self.timing = meta.get("timing", self.timing)
-        step = start["step"]
+        step = self.step = start["step"]
         per_rank = cfg.batch_size // self.world
         nb = self.task.num_batches()
         for si, stage in enumerate(cfg.stages):
@@ -326,8 +343,12 @@ class Trainer:
                 all_idxs = self.task.epoch_batches(si, epoch)
                 self.task.start_epoch(si, epoch)
                 first_b = start["batch"] if (si == start["stage"] and epoch == start["epoch"]) else 0
-                bar = tqdm(range(first_b, nb), desc=f"{stage.name} epoch {epoch + 1}/{stage.epochs}",
-                           disable=not self.progress or self.rank != 0, leave=False, dynamic_ncols=True)
+                # A bar on a terminal; in a log a line every ITRKIT_PROGRESS_SECONDS, no carriage-return frames.
+                what = f"training stage '{stage.name}' of the {self.task.family}, {stage.epochs} epochs" \
+                    if epoch == first_epoch else None
+                bar = progress_bar(range(first_b, nb), desc=f"{stage.name} epoch {epoch + 1}/{stage.epochs}",
+                                   unit="batch", what=what, cached_at=self.run_dir, where_label="run folder",
+                                   enabled=self.progress and self.rank == 0)
                 idxs = all_idxs[first_b:]
                 if self.world > 1:
                     idxs = [idx[self.rank * per_rank:(self.rank + 1) * per_rank] for idx in idxs]
@@ -350,6 +371,7 @@ class Trainer:
                     self._backward_step(loss)
                     self.task.clamp_temperatures_()
                     step += 1
+                    self.step = step
                     if step % cfg.log_every == 0 or b == nb - 1:
                         self.log(step=step, stage=stage.name, epoch=epoch + 1, lr=lr, loss=float(loss.detach()),
                                  **{k: round(float(v.detach()), 6) for k, v in out.items() if v.numel() == 1},

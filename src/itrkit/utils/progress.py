@@ -4,9 +4,10 @@ builds) that reads well both in a terminal and in a log file.
 On a terminal :func:`progress` is a tqdm bar. When stderr is not a terminal (``itrkit train > log
 2>&1``, a CI job, ``nohup``) tqdm would either stay silent (``disable=None``) or write a carriage-
 return frame per update, megabytes of them in a log; instead :func:`progress` writes one plain
-line to stderr at a steady pace: items done / total, percent, rate, elapsed time and ETA. Heavy
-work announces itself first (``what``: what is computed; ``cached_at``: where the result goes), so
-the first line of a 15-minute feature cache says what is happening before any item is done.
+line to stderr at a steady pace: items done / total, percent, rate, elapsed time and ETA. Work
+that lasts beyond the first interval says first what it computes (``what``) and where the result
+goes (``cached_at``), so a 15-minute feature cache names itself within seconds, while work done in
+under one interval (a small cache, a quick epoch) writes nothing at all.
 
 Knobs (environment):
 
@@ -69,7 +70,7 @@ class Progress:
 
     def __init__(self, iterable: Iterable[Any] | None = None, total: int | None = None, desc: str = "",
                  unit: str = "it", what: str | None = None, cached_at: Any = None, enabled: bool = True,
-                 stream: TextIO | None = None, leave: bool = False) -> None:
+                 stream: TextIO | None = None, leave: bool = False, where_label: str = "cached at") -> None:
         self.iterable = iterable
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable)  # type: ignore[arg-type]
@@ -85,12 +86,16 @@ class Progress:
         self.interval = _interval()
         self._t0 = time.monotonic()
         self._next = self._t0 + self.interval  # deadlines on a fixed grid: a steady pace without drift
+        self._announce = ""
         if self.mode == "off":
             return
         if what:
-            where = f"; cached at {cached_at}" if cached_at else ""
+            where = f"; {where_label} {cached_at}" if cached_at else ""
             count = f" ({total} {unit})" if total is not None else ""
-            self._write(f"{PREFIX} {desc or 'working'}: {what}{count}{where}")
+            self._announce = f"{PREFIX} {desc or 'working'}: {what}{count}{where}"
+        if self.mode == "bar" and self._announce:
+            self._write(self._announce)
+            self._announce = ""
         if self.mode == "bar":
             from tqdm.auto import tqdm
 
@@ -182,18 +187,22 @@ class Progress:
             parts.append(f"ETA {format_seconds(left)}")
         if self._postfix:
             parts.append(self._postfix)
+        if self._announce:  # work that lasts says first what it computes (short work stays quiet)
+            self._write(self._announce)
+            self._announce = ""
         self._lines += 1
         self._write(f"{PREFIX} {self.desc or 'progress'}: " + ", ".join(parts))
 
 
 def progress(iterable: Iterable[Any] | None = None, total: int | None = None, desc: str = "", unit: str = "it",
              what: str | None = None, cached_at: Any = None, enabled: bool = True, leave: bool = False,
-             stream: TextIO | None = None) -> Progress:
+             stream: TextIO | None = None, where_label: str = "cached at") -> Progress:
     """A tqdm bar on a terminal, steady plain lines on stderr otherwise (see the module doc).
 
     ``iterable``: iterate the result to get its items (updates itself); without one, call
     ``update(n)`` / ``close()``. ``what`` ("computing image features with the clip tower") and
-    ``cached_at`` make the first line say what is computed and where it is kept. ``enabled=False`` is silent (``--quiet``, ranks other than 0).
+    ``cached_at`` make the first line say what is computed and where it is kept (``where_label``:
+    the words before that path). ``enabled=False`` is silent (``--quiet``, ranks other than 0).
     """
     return Progress(iterable, total=total, desc=desc, unit=unit, what=what, cached_at=cached_at,
-                    enabled=enabled, stream=stream, leave=leave)
+                    enabled=enabled, stream=stream, leave=leave, where_label=where_label)
