@@ -33,9 +33,9 @@ def _env() -> dict[str, str]:
             "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
-def _run(cmd: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess[str]:
+def _run(cmd: list[str], cwd: Path, timeout: int = 900, **env: str) -> subprocess.CompletedProcess[str]:
     # Bytes decoded by hand: text mode would turn a "\r" into "\n" and hide tqdm frames.
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, env=_env(), timeout=timeout)
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, env={**_env(), **env}, timeout=timeout)
     out, err = proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
     assert proc.returncode == 0, f"{' '.join(map(str, cmd))}\n{out[-2000:]}\n{err[-3000:]}"
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
@@ -102,6 +102,6 @@ def test_installed_wheel_runs_the_quick_demo_outside_the_source_tree(venv: Path,
     # and tower-feature cache, with output to a log: progress lines, no tqdm frames.
     trained = _run([str(exe), "train", "--config", "infonce", "--data", str(tmp_path / "demo" / "data"),
                     "--out", str(tmp_path / "infonce"), "--set", "stages.0.epochs=1",
-                    "--set", f"cache_dir={tmp_path / 'demo' / 'cache'}"], cwd=cwd)
+                    "--set", f"cache_dir={tmp_path / 'demo' / 'cache'}"], cwd=cwd, ITRKIT_PROGRESS_SECONDS="0")
     assert (tmp_path / "infonce" / "metrics.json").is_file()
     assert "\r" not in trained.stderr and "[itrkit] main epoch 1/1: training stage 'main'" in trained.stderr
