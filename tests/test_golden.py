@@ -19,13 +19,13 @@ from tests.conftest import pixel_grid_store
 
 GOLDEN = Path(__file__).with_name("golden_metrics.json")
 TINY_DE = ["model.image_tower=tiny-image", "model.text_tower=tiny-text", "model.embed_dim=32", "batch_size=16",
-           "stages.0.epochs=3", "stages.0.lr=0.01", "log_every=1", "threads=1"]
+           "stages.0.epochs=3", "stages.0.lr=0.01", "log_every=1", "threads=1", "device=cpu"]
 TINY_SGR = ["model.embed_dim=16", "model.sim_dim=8", "model.word_dim=16", "model.text_hidden=16",
             "model.sgr_steps=2", "batch_size=16", "epochs=2", "lr=0.003", "threads=1", "model.word_init=random",
-            "data.max_val_images=0", "model.sum_warmup_epochs=1"]
+            "data.max_val_images=0", "model.sum_warmup_epochs=1", "device=cpu"]
 TINY_RR = ["model.text_tower.embed_dim=16", "model.text_tower.hidden=16", "model.embed_dim=16", "model.width=16",
            "model.heads=2", "model.rerank_k=5", "batch_size=16", "epochs=2", "lr=0.003", "threads=1",
-           "data.max_val_images=0", "warmup_steps=2"]
+           "data.max_val_images=0", "warmup_steps=2", "device=cpu"]
 
 CASES: dict[str, tuple[list[str], list[str]]] = {
     # name: (argv before --set, --set overrides); {data}, {grid}, {ti}, {tt} filled in below

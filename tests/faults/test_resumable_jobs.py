@@ -39,6 +39,8 @@ if mode == "after-shard":
 if mode == "mid-shard":
     orig = store.StoreWriter._account  # called once the write's rows are in the file
     def account(self, rows, cast):
+        if self._bg is not None:  # the earlier shards' records are written (one FIFO worker): the kill
+            self._bg.submit(lambda: None).result()  # lands mid-shard, not inside an earlier record
         hit()
         orig(self, rows, cast)
     store.StoreWriter._account = account

@@ -122,7 +122,7 @@ def test_fusion_model_builds_trains_and_round_trips(name: str, tmp_path: Path) -
     loss = task._build_loss()
     task.loss = loss
     model.train()
-    terms = task.compute(model(batch), batch)
+    terms = task.compute(task.after_gather(model(batch)), batch)
     keys = {k for k in terms if k.endswith("_loss")}
     assert {"csa_loss", "usa_loss"} <= keys and len(keys) >= 3 and all(torch.isfinite(terms[k]) for k in keys)
     sum(terms[k] for k in keys).backward()

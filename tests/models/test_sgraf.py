@@ -242,7 +242,9 @@ def test_forward_losses_and_cusa_terms() -> None:
     g = torch.Generator().manual_seed(11)
     batch = FusionBatch(regions.float(), tokens, lengths, torch.arange(4), torch.randn(4, 7, generator=g),
                         torch.randn(4, 5, generator=g))
-    out = m(batch)
+    states = m(batch)
+    assert set(states) == {"img_state", "words", "lengths"}
+    out = m.batch_outputs(states)
     assert set(out) == {"scores", "image_global", "text_global", "image_uni", "text_uni"}
     terms = loss(out["scores"], batch.img_ids, batch.t_img, batch.t_txt, out["image_uni"], out["text_uni"])
     assert set(terms) == {"triplet_loss", "csa_loss", "usa_loss", "pos_score"}

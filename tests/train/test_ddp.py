@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,9 +18,10 @@ TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).with_name("torch
 
 
 def _train(args: list[str], out: Path, data: Path, extra: list[str], nproc: int) -> None:
-    base = [f"--data={data}", f"--out={out}", "--quiet",
-            "--set", "model.image_tower=tiny-image", "--set", "model.text_tower=tiny-text",
-            "--set", "model.embed_dim=32", "--set", "batch_size=16", "--set", "stages.0.epochs=2",
+    towers = [] if any(e.startswith("model.name=") for e in extra) else \
+        ["--set", "model.image_tower=tiny-image", "--set", "model.text_tower=tiny-text", "--set", "model.embed_dim=32"]
+    base = [f"--data={data}", f"--out={out}", "--quiet", *towers,
+            "--set", "batch_size=16", "--set", "stages.0.epochs=2",
             "--set", "stages.0.lr=0.01", "--set", "threads=1", "--set", "log_every=1"]
     for e in extra:
         base += ["--set", e]
@@ -66,3 +68,47 @@ def test_two_ranks_equal_one_process(tmp_path: Path, synth_dir: Path, teacher_st
 def _losses(run: Path) -> list[float]:
     lines = [json.loads(x) for x in (run / "train.log").read_text().splitlines()]
     return [r["loss"] for r in lines if "loss" in r]
+
+
+FUSION = {
+    # SGR without the region BatchNorm: its statistics are per rank on gloo (SyncBatchNorm is CUDA-only)
+    "sgr": ["model.name=sgr", "model.region_norm=false", "model.embed_dim=16", "model.sim_dim=8",
+            "model.word_dim=16", "model.text_hidden=16", "model.sgr_steps=2", "model.word_init=random",
+            "loss.contrastive=0", "loss.triplet=1", "loss.sum_warmup_epochs=1", "grad_clip=2.0"],
+    "rerank": ["model.name=rerank", "model.text_tower.embed_dim=16", "model.text_tower.hidden=16",
+               "model.embed_dim=16", "model.width=16", "model.heads=2", "model.rerank_k=4", "loss.itm=1",
+               "loss.tau_teacher=0.1", "grad_clip=2.0"],
+}
+
+
+@pytest.fixture(scope="module")
+def fusion_grid(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from itrkit.data.records import Dataset
+    from tests.conftest import pixel_grid_store
+
+    return pixel_grid_store(Dataset.load(synth_dir), tmp_path_factory.mktemp("grid") / "grid.store")
+
+
+@pytest.mark.parametrize("name", list(FUSION))
+def test_two_ranks_equal_one_process_for_fusion_matchers(tmp_path: Path, synth_dir: Path, fusion_grid: Path,
+                                                         name: str) -> None:
+    """The B×B scores, hard negatives and losses span the gathered global batch: 2 ranks of B/2 =
+    1 process of B (per-step losses to float32 rounding, weights to Adam-aware tolerance)."""
+    if not Path(TORCHRUN).exists():
+        pytest.skip("torchrun not found")
+    extra = [*FUSION[name], f"data.grid_store={fusion_grid}", "data.max_val_images=0"]
+    _train([], tmp_path / "one", synth_dir, extra, 1)
+    _train([], tmp_path / "two", synth_dir, extra, 2)
+    a = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert _losses(tmp_path / "one") == pytest.approx(_losses(tmp_path / "two"), rel=1e-5)
+    # Biases that only shift every logit of a softmax row (the attention-pool score over regions; the
+    # key bias of SGR's q·kᵀ edges) have a true gradient of exactly 0: Adam turns their rounding noise
+    # into ±lr steps of either sign, so they are not comparable.
+    shift_invariant = {k for k in a if re.fullmatch(r"pool_score\.bias|sgr\.\d+\.key\.bias", k)}
+    diffs = {k: float((a[k] - b[k]).abs().max()) for k in a if k not in shift_invariant}
+    print(f"{name}: largest weight difference {max(diffs.values()):.2e} ({max(diffs, key=diffs.get)})")
+    for k in a:
+        if k not in shift_invariant:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-4, msg=f"{name}: {k}")

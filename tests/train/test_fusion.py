@@ -115,7 +115,7 @@ def test_grid_store_for_other_ids_is_refused(tmp_path: Path, fusion_data: dict[s
 def test_nan_loss_names_the_step(tmp_path: Path, fusion_data: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     from itrkit.models.sgraf import SGRAFModel
 
-    real = SGRAFModel.forward
+    real = SGRAFModel.batch_outputs
     calls = {"n": 0}
 
     def nan_on_third(self, batch):
@@ -125,7 +125,7 @@ def test_nan_loss_names_the_step(tmp_path: Path, fusion_data: dict[str, Path], m
             out["scores"] = out["scores"] * float("nan")
         return out
 
-    monkeypatch.setattr(SGRAFModel, "forward", nan_on_third)
+    monkeypatch.setattr(SGRAFModel, "batch_outputs", nan_on_third)
     with pytest.raises(NonFiniteLossError, match="step 3"):
         FusionTrainer(_cfg(fusion_data, tmp_path / "run")).fit()
 

@@ -42,7 +42,7 @@ def sample_hard_negatives(sim: Tensor, img_ids: Tensor, generator: torch.Generat
     ids = img_ids.reshape(-1).to(sim.device)
     if ids.numel() != b:
         raise ItrkitError(f"img_ids has {ids.numel()} entries but the batch has {b} rows")
-    u = torch.rand(2, b, generator=generator, dtype=torch.float64)
+    u = torch.rand(2, b, generator=generator, dtype=torch.float64).to(sim.device)  # the CPU stream, on any device
     neg = ids[:, None] != ids[None, :]
     s = sim.detach().to(torch.float64)
     return _inverse_cdf(s, neg, u[0]), _inverse_cdf(s.T, neg.T, u[1])
@@ -90,7 +90,7 @@ def mined_pairs(neg_txt: Tensor, neg_img: Tensor) -> tuple[Tensor, Tensor, int]:
     b = len(neg_txt)
     rows_i = (neg_txt >= 0).nonzero().squeeze(1)
     rows_t = (neg_img >= 0).nonzero().squeeze(1)
-    pos = torch.arange(b)
+    pos = torch.arange(b, device=neg_txt.device)
     img_idx = torch.cat([pos, rows_i, neg_img[rows_t]])
     txt_idx = torch.cat([pos, neg_txt[rows_i], rows_t])
     return img_idx, txt_idx, len(rows_i) + len(rows_t)

@@ -122,8 +122,8 @@ class ReRankLoss(nn.Module):
             y_i, y_t = soft_negative_targets(q_i, q_t, neg_txt, neg_img, self.soft_itm)
             neg_y = torch.cat([y_i, y_t]).to(logits.dtype)
         else:
-            neg_y = torch.zeros(n_neg, dtype=logits.dtype)
-        targets = torch.cat([torch.ones(b, dtype=logits.dtype), neg_y])
+            neg_y = torch.zeros(n_neg, dtype=logits.dtype, device=logits.device)
+        targets = torch.cat([torch.ones(b, dtype=logits.dtype, device=logits.device), neg_y])
         terms["itm_loss"] = self.itm * itm_bce(logits, targets)
         if self.soft is not None and self.soft.active:
             terms.update(self.soft(t_img, t_txt, image_embeds=zi, text_embeds=zt, image_uni=out.get("image_uni"),
@@ -131,5 +131,5 @@ class ReRankLoss(nn.Module):
         with torch.no_grad():
             pred = (logits.detach() > 0).float()
             terms["itm_acc"] = (pred == (targets > 0.5).float()).float().mean()
-            terms["soft_target_mean"] = neg_y.mean() if n_neg else torch.zeros(())
+            terms["soft_target_mean"] = neg_y.mean() if n_neg else torch.zeros((), device=logits.device)
         return terms

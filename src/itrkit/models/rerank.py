@@ -235,7 +235,7 @@ class ReRanker(FusionMatcher):
         top = int(lengths.max())
         x, mask = words[:, :top], _length_mask(lengths, top)
         if img_index is None:
-            img_index = torch.arange(len(words))
+            img_index = torch.arange(len(words), device=words.device)
         for block in self.blocks:
             k, v = block.cross_attn.kv(img_state)
             x = block(x, mask, (k[img_index], v[img_index]))

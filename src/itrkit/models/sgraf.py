@@ -364,11 +364,18 @@ class SGRAFModel(FusionMatcher):
 
     # --- training ------------------------------------------------------------------------------
     def forward(self, batch: FusionBatch) -> dict[str, Tensor]:
-        """A training batch → the B×B ``scores`` (every image of the batch with every caption), the
-        pooled ``image_global`` / ``text_global`` features and, with USA heads, ``image_uni`` /
-        ``text_uni``. The loss (:class:`itrkit.losses.matching.MatchingLoss`) is not the model's."""
+        """A training batch → its image states (``img_state``: global image + regions), word
+        vectors and lengths; :meth:`batch_outputs` turns states (this rank's, or the gathered
+        global batch's under DDP) into scores. The loss
+        (:class:`itrkit.losses.matching.MatchingLoss`) is not the model's."""
         img = self.encode_images(batch.regions)
         words, lengths = self.encode_texts(batch.tokens, batch.lengths)
+        return {"img_state": img, "words": words, "lengths": lengths}
+
+    def batch_outputs(self, states: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The B×B ``scores`` (every image of the batch with every caption), the pooled
+        ``image_global`` / ``text_global`` features and, with USA heads, ``image_uni`` / ``text_uni``."""
+        img, words, lengths = states["img_state"], states["words"], states["lengths"]
         out = {"scores": self.score(img, words, lengths), "image_global": img[:, 0],
                "text_global": self.text_global(words, lengths)}
         if self.usa_img is not None and self.usa_txt is not None:

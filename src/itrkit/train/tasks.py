@@ -80,6 +80,21 @@ class TrainingTask:
     gather_keys: tuple[str, ...] = ()
     batch_gather_keys: tuple[str, ...] = ()
 
+    def gather(self, out: dict[str, torch.Tensor], batch: Any) -> tuple[dict[str, torch.Tensor], Any]:
+        """Under DDP: this rank's outputs and batch → the global batch's (``gather_keys`` with
+        gradient, ``batch_gather_keys`` without; open_clip's ``gather_with_grad``)."""
+        from itrkit.losses.distributed import gather_features
+
+        keys = [k for k in self.gather_keys if k in out]
+        out = {**out, **dict(zip(keys, gather_features(*[out[k] for k in keys])))}
+        bkeys = [k for k in self.batch_gather_keys if k in batch]
+        gb = gather_features(*[batch[k] for k in bkeys], gather_with_grad=False)
+        return out, {**batch, **dict(zip(bkeys, gb))}
+
+    def after_gather(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Outputs that need the whole batch (after :meth:`gather` under DDP); default: none."""
+        return out
+
     def set_weights(self, weights: dict[str, float]) -> None:
         raise NotImplementedError
 
@@ -262,9 +277,6 @@ class FusionTask(TrainingTask):
         from itrkit.teachers.grid import grid_shape, open_grid_store
 
         super().__init__(cfg, dataset, world, device)
-        if world > 1:
-            raise ConfigError("fusion matchers train in one process for now (their B×B scores need the "
-                              "whole batch on one rank); run without torchrun")
         if not cfg.data.grid_store:
             raise ConfigError("data.grid_store is empty: build one with 'itrkit grid DATA --out grid.store'")
         self.grid = open_grid_store(cfg.data.grid_store)
@@ -276,6 +288,10 @@ class FusionTask(TrainingTask):
             cfg.model = opts
         torch.manual_seed(cfg.seed)
         self.model = build_fusion_model(opts)
+        if world > 1 and device is not None and torch.device(device).type == "cuda":
+            # Region BatchNorm statistics over the global batch, as in one process (SyncBatchNorm
+            # needs CUDA; on gloo/CPU each rank normalises its own slice of the batch).
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         prep = self.model.prepare_texts
         train_ds = _split(dataset, cfg.data.train_split, cfg.data.limit("train"))
         val_ds = _split(dataset, cfg.data.val_split, cfg.data.limit("val"))
@@ -347,6 +363,34 @@ class FusionTask(TrainingTask):
     def describe_batch(self, idx: np.ndarray) -> str:
         ids = [self.train.ds.image_ids[i] for i in np.asarray(idx)[:4]]
         return "images " + ", ".join(ids) + (" …" if len(idx) > 4 else "")
+
+    def gather(self, out: dict[str, torch.Tensor], batch: Any) -> tuple[dict[str, torch.Tensor], Any]:
+        """Every rank encodes its slice; region and word states (padded to the longest caption of
+        any rank) and the ITC / USA embeddings are gathered with gradient, ids and teacher rows
+        without, so the B×B scores, the hard negatives and every loss span the global batch."""
+        import dataclasses
+
+        import torch.distributed as dist
+        import torch.nn.functional as F
+
+        from itrkit.losses.distributed import gather_features
+
+        words = out["words"]
+        longest = torch.tensor([words.shape[1]], device=words.device)
+        dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+        words = F.pad(words, (0, 0, 0, int(longest) - words.shape[1]))
+        keys = [k for k in ("img_state", "image_embeds", "text_embeds", "image_uni", "text_uni") if k in out]
+        gathered = gather_features(words, *[out[k] for k in keys])
+        plain = [out["lengths"].to(words.device), batch.img_ids]
+        teachers = [t for t in (batch.t_img, batch.t_txt) if t is not None]
+        got = gather_features(*plain, *teachers, gather_with_grad=False)
+        out = {**out, "words": gathered[0], **dict(zip(keys, gathered[1:])), "lengths": got[0].to(out["lengths"].device)}
+        t_img, t_txt = (got[2], got[3]) if teachers else (None, None)
+        return out, dataclasses.replace(batch, img_ids=got[1], t_img=t_img, t_txt=t_txt)
+
+    def after_gather(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        batch_outputs = getattr(self.model, "batch_outputs", None)
+        return {**out, **batch_outputs(out)} if callable(batch_outputs) and "scores" not in out else out
 
     def compute(self, out: dict[str, torch.Tensor], batch: Any) -> dict[str, torch.Tensor]:
         if self.cfg.model.name == "rerank":
