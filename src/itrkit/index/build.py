@@ -86,7 +86,8 @@ def _embed(fn: Any, items: list[Any], what: str, ids: list[str], batch_size: int
 
     outs: list[np.ndarray] = []
     starts = range(0, len(items), batch_size)
-    for start in progress_lines(starts, desc=f"embedding {what}", unit="batch", enabled=progress):
+    for start in progress_lines(starts, desc=f"embedding {what}", unit="batch", enabled=progress,
+                                what=f"computing {what} of {len(items)} items for the index"):
         out = fn(items[start:start + batch_size])
         if out is None:
             if outs:
