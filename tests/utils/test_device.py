@@ -211,7 +211,7 @@ def test_without_a_process_group_the_sharding_helpers_are_the_identity() -> None
     assert [(u, int(t)) for u, t in got] == [(1, 10), (2, 20), (3, 30)]
 
 
-@pytest.mark.parametrize("cmd", ["teach", "grid", "index build"])
+@pytest.mark.parametrize("cmd", ["teach", "grid", "index build", "demo", "reproduce", "report"])
 def test_every_computing_command_with_device_cuda_and_no_cuda_exits_2_writing_nothing(
         no_gpu: None, tmp_path, capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest, cmd: str) -> None:
     from itrkit.cli import main
@@ -221,7 +221,10 @@ def test_every_computing_command_with_device_cuda_and_no_cuda_exits_2_writing_no
     argv = {"teach": ["teach", "--data", data, "--out", str(out), "--image-teacher", "tiny-image",
                       "--text-teacher", "tiny-text"],
             "grid": ["grid", data, "--out", str(out)],
-            "index build": ["index", "build", "--run", str(tmp_path / "no-run"), "--images", data, "--out", str(out)]}[cmd]
+            "index build": ["index", "build", "--run", str(tmp_path / "no-run"), "--images", data, "--out", str(out)],
+            "demo": ["demo", "--out", str(out), "--quick"],
+            "reproduce": ["reproduce", "flickr8k", "--data", data, "--out", str(out), "--methods", "infonce"],
+            "report": ["report", str(tmp_path / "no-run"), "--out", str(out)]}[cmd]
     code = main([*argv, "--device", "cuda"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2

@@ -97,7 +97,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
 def _cmd_demo(a: argparse.Namespace) -> int:
     from itrkit.experiments.demo import run_demo
 
-    run_demo(Path(a.out), quick=a.quick)
+    run_demo(Path(a.out), quick=a.quick, device=a.device)
     return 0
 
 
@@ -198,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     de = sub.add_parser("demo", help="the main job on the embedded synthetic data")
     de.add_argument("--out", default="demo-out")
     de.add_argument("--quick", action="store_true", help="smaller and faster (for tests)")
+    add_device_argument(de)
     de.set_defaults(func=_cmd_demo)
 
     ef = sub.add_parser("eval-fusion", help="alias of 'itrkit eval --run R [--run R2 …]'")

@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from itrkit.eval.report_cli import report_runs
+from itrkit.utils.device import add_device_argument
 
 
 def _cmd(a: argparse.Namespace) -> int:
     files = report_runs(a.runs, a.out, a.data, a.split, a.names, a.max_images, a.cache, a.embed_images,
-                        a.human_judgments)
+                        a.human_judgments, device=a.device)
     print((Path(a.out) / "report.md").read_text(encoding="utf-8").split("\n## ")[0])
     for key, path in files.items():
         print(f"{key}: {path}")
@@ -31,4 +32,5 @@ def add_parsers(sub: Any) -> None:
     r.add_argument("--human-judgments", default="auto", metavar="DIR|auto|none",
                    help="frame items people judged relevant amber: the folder of the Flickr8k ExpertAnnotations.txt / "
                         "CrowdFlowerAnnotations.txt (auto: beside the images, when present)")
+    add_device_argument(r)
     r.set_defaults(func=_cmd)

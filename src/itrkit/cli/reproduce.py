@@ -9,6 +9,7 @@ from typing import Any
 from itrkit.errors import ConfigError
 from itrkit.experiments.flickr8k import Reproduction
 from itrkit.experiments.methods import DEFAULT_METHODS, METHODS
+from itrkit.utils.device import add_device_argument
 
 
 def _cmd(a: argparse.Namespace) -> int:
@@ -21,7 +22,7 @@ def _cmd(a: argparse.Namespace) -> int:
         fixed[name.strip()] = int(idx)
     rep = Reproduction(Path(a.data), Path(a.out), methods, a.seeds, a.epochs, a.cache, a.image_teacher,
                        a.text_teacher, a.max_train_images, tune=not a.no_tune, fixed=fixed,
-                       fusion_epochs=a.fusion_epochs)
+                       fusion_epochs=a.fusion_epochs, device=a.device)
     rep.run()
     print(f"results: {a.out}/results.json, results.md, results.png")
     return 0
@@ -46,6 +47,7 @@ def add_parsers(sub: Any) -> None:
     r.add_argument("--choice", action="append", metavar="METHOD=INDEX",
                    help="reuse a dev choice made earlier (the grid index printed by 'tune'), e.g. icone=2; "
                         "repeatable; a method needed only as a base is then not trained at all")
+    add_device_argument(r)
     r.set_defaults(func=_cmd)
 
 

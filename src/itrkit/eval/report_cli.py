@@ -56,7 +56,8 @@ def human_judged(ds: Any, judgments: str | Path | None = "auto") -> set[tuple[in
 
 def report_runs(runs: list[str | Path], out: str | Path, data: str | None = None, split: str = "test",
                 names: str | None = None, max_images: int = 0, cache_dir: str | None = None,
-                embed_images: bool = False, human_judgments: str | None = "auto") -> dict[str, Path]:
+                embed_images: bool = False, human_judgments: str | None = "auto",
+                device: str = "auto") -> dict[str, Path]:
     """Embed ``split`` with each run's selected model and write the report files into ``out``."""
     from itrkit.data.records import Dataset
     from itrkit.eval.report import ReportRun, write_report
@@ -65,10 +66,13 @@ def report_runs(runs: list[str | Path], out: str | Path, data: str | None = None
 
     for module in ("matplotlib", "sklearn"):  # before embedding anything
         require(module, "eval", "itrkit report")
+    from itrkit.utils.device import resolve_device
+
+    dev = resolve_device(device)  # a missing device is one line before anything is embedded
     paths = [Path(r) for r in runs]
     items = []
     for path, name in zip(paths, _names(paths, names)):
-        model = load_model(path)
+        model = load_model(path).to(dev)
         ds = Dataset.load(data or run_dataset_path(path)).split(split).subset(max_images or None)
         emb = embed_dataset(model, ds, cache_dir)
         items.append(ReportRun(name, {}, emb["image_embeds"], emb["text_embeds"], ds,

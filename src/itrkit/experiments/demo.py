@@ -58,7 +58,7 @@ def unimodal_scores(image_emb: np.ndarray, text_emb: np.ndarray, ds: Any) -> dic
             "txt2txt_R@1": r1(np.asarray(text_emb), np.asarray(ds.txt2img))}
 
 
-def run_demo(out: Path, quick: bool = False) -> dict[str, Any]:
+def run_demo(out: Path, quick: bool = False, device: str = "auto") -> dict[str, Any]:
     from itrkit.data.records import Dataset
     from itrkit.data.synthetic import make_synthetic
     from itrkit.eval.table import format_table
@@ -68,7 +68,7 @@ def run_demo(out: Path, quick: bool = False) -> dict[str, Any]:
 
     t0 = time.time()
     out = out.resolve()
-    runner = Runner(out, progress=True)
+    runner = Runner(out, progress=True, device=device)
     data, teachers = out / "data", out / "teachers"
     n = 150 if quick else 600
     if not (data / "dataset.json").is_file():
@@ -87,7 +87,9 @@ def run_demo(out: Path, quick: bool = False) -> dict[str, Any]:
     test = ds.split("test")
     rows = {f"{name} (test)": m["test"] for name, m in metrics.items()}
     print(format_table(rows, first="method"))
-    models = {name: load_model(cfg.out) for name, cfg in cfgs.items()}
+    from itrkit.utils.device import resolve_device
+
+    models = {name: load_model(cfg.out).to(resolve_device(device)) for name, cfg in cfgs.items()}
     img_f, txt_f = split_features(models["InfoNCE"], test, str(out / "cache"))
     uni = {"frozen towers": unimodal_scores(img_f, txt_f, test)}
     for name, model in models.items():

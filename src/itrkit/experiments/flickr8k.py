@@ -26,7 +26,7 @@ class Reproduction:
     def __init__(self, data: Path, out: Path, methods: list[str], seeds: int, epochs: int, cache: str | None,
                  image_teacher: str, text_teacher: str, max_train_images: int = 0, tune: bool = True,
                  fixed: dict[str, int] | None = None, fusion_epochs: int | None = None,
-                 fusion_overrides: list[str] | None = None) -> None:
+                 fusion_overrides: list[str] | None = None, device: str = "auto") -> None:
         unknown = [m for m in [*methods, *(fixed or {})] if m not in METHODS]
         if unknown or any(METHODS[m].kind != "tuned" for m in fixed or {}):
             raise ConfigError(f"unknown method(s) {unknown or list(fixed or {})} (known: "
@@ -42,7 +42,7 @@ class Reproduction:
             if not 0 <= gi < len(METHODS[name].grid):
                 raise ConfigError(f"--choice {name}={gi}: {name} has grid points 0..{len(METHODS[name].grid) - 1}")
         self.fixed = dict(fixed or {})  # method → grid index chosen earlier on dev (no tuning again)
-        self.runner = Runner(out)
+        self.runner = Runner(out, device=device)
         self.out = Path(out)
         self.methods = methods
         self.seeds = seeds

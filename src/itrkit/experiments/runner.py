@@ -27,9 +27,13 @@ from itrkit.utils.io import atomic_path, atomic_write_json, atomic_write_text
 
 
 class Runner:
-    def __init__(self, out: Path, progress: bool = False) -> None:
+    def __init__(self, out: Path, progress: bool = False, device: str = "auto") -> None:
+        from itrkit.utils.device import resolve_device
+
+        resolve_device(device)  # an unavailable device is one line before anything is written
         self.out = Path(out)
         self.progress = progress
+        self.device = device  # every run's and the teachers' device (auto: CUDA, else MPS, else CPU)
         self.timings: dict[str, float] = {}
 
     # --- inputs, once ---------------------------------------------------------------------------
@@ -54,7 +58,7 @@ class Runner:
         if not ((tdir / "image.store").exists() and (tdir / "text.store").exists()):
             t0 = time.time()
             ds = Dataset.load(dataset_dir).split("train").subset(max_train or None)
-            teach(ds, image_teacher, text_teacher, tdir)
+            teach(ds, image_teacher, text_teacher, tdir, device=self.device)
             self.timings["teachers_s"] = round(time.time() - t0, 1)
         return [f"teacher.image_store={tdir / 'image.store'}", f"teacher.text_store={tdir / 'text.store'}"]
 
@@ -73,6 +77,7 @@ class Runner:
         from itrkit.train.trainer import train
 
         run_dir = Path(cfg.out)
+        cfg.device = self.device
         if (run_dir / "metrics.json").is_file():  # finished earlier: reuse (experiments are resumable)
             return json.loads((run_dir / "metrics.json").read_text())
         return train(cfg, resume=(run_dir / "config.yaml").is_file(), progress=self.progress)
@@ -83,7 +88,8 @@ class Runner:
 
         if (run_dir / "metrics.json").is_file():
             return json.loads((run_dir / "metrics.json").read_text())
-        out = {"test": evaluate_fusion_runs(members, progress=self.progress), "members": [str(m) for m in members]}
+        out = {"test": evaluate_fusion_runs(members, progress=self.progress, device=self.device),
+               "members": [str(m) for m in members]}
         atomic_write_json(run_dir / "metrics.json", out)
         return out
 
