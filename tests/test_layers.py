@@ -23,11 +23,12 @@ ALLOWED: dict[str, set[str]] = {
     "index": {"data", "models", "eval"},
     "serve": {"data", "models", "index"},
     "export": {"data", "models", "eval", "train"},
+    "api": {"data", "models", "eval", "train"},  # itrkit.load_model / train / evaluate (lazy top-level API)
     "cli": {"data", "models", "teachers", "losses", "eval", "train", "experiments", "index", "serve", "export"},
 }
 # Import shims kept for old import paths (no logic): top-level modules re-exporting a package.
 SHIMS = {"reproduce": {"experiments", "config"}, "reproduce_fusion": {"experiments"},
-         "demo": {"experiments"}, "__main__": {"cli"}, "__init__": set()}
+         "demo": {"experiments"}, "__main__": {"cli"}, "__init__": {"api", "train"}}
 
 
 def _package(module: str) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from itrkit.config import load_yaml
@@ -222,3 +223,45 @@ def test_itrkit_reproduce_dispatches_fusion_methods(tmp_path: Path, fusion_data:
         cfg = load_yaml(out / "runs" / m / "seed0" / "config.yaml")
         assert cfg["model"]["name"] == m and cfg["stages"][0]["epochs"] == 1 and cfg["model"]["embed_dim"] == 128  # the recipe
     assert (out / "results.md").read_text().count("| sgraf |") == 1
+
+
+def test_grid_features_are_cached_automatically_when_no_store_is_given(tmp_path: Path) -> None:
+    """`itrkit train --config sgr` without data.grid_store: EfficientNet-Lite0 grid features of the
+    train/val/test images go into the content-keyed cache once; a second run (another seed) reuses
+    the same store, and the saved config names it."""
+    from itrkit.cli import main
+    from itrkit.data.synthetic import make_synthetic
+
+    make_synthetic(tmp_path / "syn", n_images=40, captions_per_image=2, seed=8, size=32)
+    sets = [*TINY, "model.word_init=random", "batch_size=8", "stages.0.epochs=1", "threads=1",
+            f"cache_dir={tmp_path / 'cache'}", "model.region_norm=false"]
+    runs = []
+    for seed in (0, 1):
+        run = tmp_path / f"r{seed}"
+        argv = ["train", "--config", "sgr", "--data", str(tmp_path / "syn"), "--out", str(run), "--quiet"]
+        assert main(argv + [x for s in [*sets, f"seed={seed}"] for x in ("--set", s)]) == 0
+        runs.append(load_yaml(run / "config.yaml")["data"]["grid_store"])
+        if seed == 0:
+            header = Path(runs[0]) / "header.json"
+            first = header.stat().st_mtime_ns
+    assert runs[0] == runs[1] and Path(runs[0]).parent == tmp_path / "cache" / "grid"
+    assert header.stat().st_mtime_ns == first  # reused, not rebuilt
+    store = FeatureStore.open(runs[0])
+    assert store.count == 40 and store.header["grid"] == [49, 1280]
+    # another image content → another cache entry
+    img = Dataset.load(tmp_path / "syn").records[0].path
+    Image.open(img).convert("RGB").rotate(90).save(img)
+    run = tmp_path / "changed"
+    argv = ["train", "--config", "sgr", "--data", str(tmp_path / "syn"), "--out", str(run), "--quiet"]
+    assert main(argv + [x for s in sets for x in ("--set", s)]) == 0
+    assert load_yaml(run / "config.yaml")["data"]["grid_store"] != runs[0]
+
+
+def test_data_workers_give_the_same_fusion_run(tmp_path: Path, fusion_data: dict[str, Path]) -> None:
+    """data.num_workers prepares a fusion matcher's batches in DataLoader processes too: bitwise the
+    same run as without workers."""
+    plain = train_fusion(_cfg(fusion_data, tmp_path / "plain", "epochs=1"), progress=False)
+    work = train_fusion(_cfg(fusion_data, tmp_path / "work", "epochs=1", "data.num_workers=2"), progress=False)
+    assert plain["test"] == work["test"] and plain["best"] == work["best"]
+    a, b = (load_file(str(tmp_path / r / "model" / "model.safetensors")) for r in ("plain", "work"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -218,3 +218,23 @@ def _build_grid_store(dataset: Any, out_path: Path, ids: list[str], paths: list[
     return store
 
 
+
+
+def cached_grid_store(dataset: Any, model: str = "efficientnet-lite0", cache_dir: str | Path | None = None,
+                      progress: bool = True, device: str | torch.device = "auto") -> Path:
+    """The grid store of ``dataset``'s images in the content-keyed feature cache (what training a
+    fusion matcher uses when ``data.grid_store`` is empty): keyed, like the tower-feature cache,
+    by the grid model and the images' ids and file contents, so every run and seed on the same
+    images shares one store, and changed images get a new one. Built (resumable) on first use."""
+    from itrkit.models.features import _item_signature
+    from itrkit.utils.io import default_cache_dir, fingerprint
+
+    ids = [str(i) for i in dataset.image_ids]
+    paths = [str(p) for p in dataset.image_paths]
+    key = fingerprint("grid", model, ids, [_item_signature(p, "image") for p in paths])
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    path = root / "grid" / f"{model}-{key}.store"
+    if not (path / "header.json").is_file():
+        print(f"grid features ({model}) of {len(ids)} images → {path}", file=sys.stderr)
+    build_grid_store(dataset, path, model=model, progress=progress, device=device)
+    return path

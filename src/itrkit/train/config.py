@@ -35,7 +35,9 @@ class DataConfig:
     max_eval_images: int = 0  # val and test (0 = all), unless max_val_images / max_test_images say otherwise
     max_val_images: int = 0  # fusion scoring is O(images × captions): validate on a subset of dev
     max_test_images: int = 0
-    grid_store: str = ""  # fusion matchers: region features keyed by image id (``itrkit grid``; built if empty)
+    grid_store: str = ""  # fusion matchers: region features keyed by image id (``itrkit grid``); empty = built
+    # once into the content-keyed feature cache (cache_dir) from the train/val/test images
+    grid_model: str = "efficientnet-lite0"  # the CNN whose last feature map gives the grid cells (when built)
     num_workers: int = 0  # processes preparing the next batches (live towers; cached features need none)
     image_cache_mb: int = 1024  # live image towers: decoded + preprocessed images kept in RAM (0 = off)
 

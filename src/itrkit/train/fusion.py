@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from itrkit.eval.fusion import (  # noqa: F401
+from itrkit.eval.fusion import (  # noqa: F401  # noqa: F401
     FusionSplit,
     evaluate_fusion_runs,
     load_scores,
@@ -17,23 +17,15 @@ from itrkit.eval.fusion import (  # noqa: F401
 from itrkit.models.io import load_fusion_model, save_fusion_model  # noqa: F401
 from itrkit.models.registry import build_fusion_model, register_fusion_model  # noqa: F401
 from itrkit.train.config import TrainConfig, load_train_config
-from itrkit.train.trainer import Trainer, train
-
-FusionTrainer = Trainer
+from itrkit.train.config import resolve_config as resolve_fusion_config  # noqa: F401
+from itrkit.train.trainer import Trainer as FusionTrainer  # noqa: F401
+from itrkit.train.trainer import train
 
 
 def load_fusion_config(path: Any = None, overrides: list[str] | None = None) -> TrainConfig:
     """``load_train_config`` with the fusion trainer's old default model (``sgr``)."""
-    overrides = list(overrides or [])
-    if path is None and not any(o.startswith("model.name=") for o in overrides):
-        overrides.insert(0, "model.name=sgr")
-    return load_train_config(path, overrides)
-
-
-def resolve_fusion_config(name: str) -> Any:
-    from itrkit.train.config import resolve_config
-
-    return resolve_config(name)
+    given = any(o.startswith("model.name=") for o in overrides or [])
+    return load_train_config(path, list(overrides or []) if path or given else ["model.name=sgr", *(overrides or [])])
 
 
 def train_fusion(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:

@@ -39,6 +39,23 @@ def _num_batches(n: int, batch_size: int) -> int:
     return full + (1 if rest >= 2 else 0)  # a last batch of one row has no negatives
 
 
+def _as_is(x: Any) -> Any:
+    return x
+
+
+class _TaskBatches(torch.utils.data.Dataset):
+    """Item k = the task's k-th batch of a fixed list of index arrays (for DataLoader workers)."""
+
+    def __init__(self, task: TrainingTask, idxs: list[np.ndarray]) -> None:
+        self.task, self.idxs = task, idxs
+
+    def __len__(self) -> int:
+        return len(self.idxs)
+
+    def __getitem__(self, k: int) -> Any:
+        return self.task.make_batch(self.idxs[k])
+
+
 class TrainingTask:
     """The interface the loop relies on (see the module doc)."""
 
@@ -65,7 +82,12 @@ class TrainingTask:
         """Hook at each epoch start (training mode, curriculum)."""
 
     def iterate(self, idxs: list[np.ndarray], num_workers: int) -> Any:
-        return (self.make_batch(i) for i in idxs)
+        """The batches of ``idxs`` in order; with ``num_workers`` > 0 prepared by that many
+        DataLoader processes while the model trains (the same batches as without workers)."""
+        if num_workers <= 0:
+            return (self.make_batch(i) for i in idxs)
+        return iter(torch.utils.data.DataLoader(_TaskBatches(self, idxs), batch_size=None, shuffle=False,
+                                                num_workers=num_workers, collate_fn=_as_is, prefetch_factor=2))
 
     def make_batch(self, idx: np.ndarray) -> Any:
         raise NotImplementedError
@@ -278,7 +300,14 @@ class FusionTask(TrainingTask):
 
         super().__init__(cfg, dataset, world, device)
         if not cfg.data.grid_store:
-            raise ConfigError("data.grid_store is empty: build one with 'itrkit grid DATA --out grid.store'")
+            # Grid features through the content-keyed cache (every run on these images shares them);
+            # the resolved store is what the saved config.yaml names.
+            from itrkit.teachers.grid import cached_grid_store
+
+            names = [n for n in (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split)
+                     if n and n in dataset.splits()]
+            cfg.data.grid_store = str(cached_grid_store(dataset.split(*names), cfg.data.grid_model,
+                                                        cfg.cache_dir or None, device=self.device))
         self.grid = open_grid_store(cfg.data.grid_store)
         opts = cfg.model
         if opts.region_dim != grid_shape(self.grid)[1]:
