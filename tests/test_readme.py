@@ -36,7 +36,7 @@ def _commands() -> list[str]:
 
 
 def test_the_readme_has_snippets_and_commands() -> None:
-    assert len(_blocks("python")) >= 2 and len(_commands()) >= 20
+    assert len(_blocks("python")) >= 3 and len(_commands()) >= 20
 
 
 @pytest.mark.parametrize("line", _commands())
@@ -74,5 +74,5 @@ def test_every_python_snippet_of_the_readme_runs(tmp_path: Path, monkeypatch: py
     namespace: dict = {}
     for block in _blocks("python"):
         exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
-    assert runs == ["runs/cusa", "runs/sgr", "runs/saf", "runs/sgr_cusa"]
+    assert runs == ["runs/infonce", "runs/cusa", "runs/sgr", "runs/saf", "runs/sgr_cusa"]
     assert all((tmp_path / r / "metrics.json").is_file() for r in runs)
