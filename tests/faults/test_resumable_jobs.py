@@ -1,4 +1,4 @@
-"""SIGKILL part-way through `itrkit teach`, `itrkit grid` and a tower-feature cache fill, then the
+"""SIGKILL part-way through `itrkit teach`, `itrkit grid`, a tower-feature cache fill and `itrkit index build`, then the
 same command again: only the unfinished shards are computed (counted), and the result has the
 same bytes as an uninterrupted run."""
 
@@ -182,3 +182,195 @@ def test_feature_cache_sigkill_then_same_call_resumes_byte_identical(tmp_path: P
     ref = cache_path(tower, paths, ds.image_ids, cache_dir=tmp_path / "full")
     assert entry.read_bytes() == ref.read_bytes()
     assert not entry.with_suffix(".partial").exists()
+
+
+# --- itrkit index build ----------------------------------------------------------------------------
+# A child process that SIGKILLs itself right after the n-th shard of an index build is recorded
+# ("after-shard"), or after the n-th shard's file is written but before the partial manifest lists
+# it ("before-record").
+INDEX_KILLER = r"""
+import os, signal, sys
+import itrkit.index.build as build
+mode, n, shard, argv = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+build.SHARD_ITEMS = shard
+count = [0]
+def hit():
+    count[0] += 1
+    if count[0] == n:
+        os.kill(os.getpid(), signal.SIGKILL)
+if mode == "after-shard":
+    orig = build._Shards.save
+    def save(self, name, k, rows, sums):
+        orig(self, name, k, rows, sums)
+        hit()
+    build._Shards.save = save
+else:
+    orig = build._Shards._record
+    def record(self, key, digest):
+        hit()
+        orig(self, key, digest)
+    build._Shards._record = record
+from itrkit.cli import main
+sys.exit(main(argv))
+"""
+
+
+def _index_killed(mode: str, n: int, argv: list[str], shard: int = 16) -> None:
+    proc = subprocess.run([sys.executable, "-c", INDEX_KILLER, mode, str(n), str(shard), *argv],
+                          capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-1500:]
+
+
+def _index(run: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["index", "build", "--run", str(run), "--images", str(data), "--out", str(out), "--batch-size", "8",
+            "--quiet", *extra]
+
+
+def _same_index(a: Path, b: Path) -> None:
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        if name != "manifest.json":
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    ma, mb = (json.loads((p / "manifest.json").read_text()) for p in (a, b))
+    for m in (ma, mb):
+        m.pop("created"), m.pop("manifest_sha256")  # the build's wall-clock time (and the digest over it)
+    assert ma == mb
+
+
+@pytest.fixture(scope="module")
+def index_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder of a tiny random dual encoder with USA heads (16-d cross, 8-d uni)."""
+    from itrkit.models import ModelConfig, build_model, save_model
+
+    run = tmp_path_factory.mktemp("index-run") / "run"
+    save_model(build_model(ModelConfig(image_tower="tiny-image", text_tower="tiny-text", embed_dim=16,
+                                       usa_heads=True, usa_dim=8)), run / "model")
+    return run
+
+
+@pytest.fixture(scope="module")
+def full_index(index_run: Path, synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Uninterrupted builds with the default shard size (one shard per pass), by backend."""
+    out = tmp_path_factory.mktemp("full-index")
+    built = {}
+    for backend in ("exact", "faiss-flat"):
+        assert main(_index(index_run, synth_dir, out / backend, "--backend", backend)) == 0
+        built[backend] = out / backend
+    return built
+
+
+# Killed with shards of 16 images (60 images: 16+16+16+12, two image passes) and 64 captions (the
+# caption batch is at least 64; 180 captions: 64+64+52). Shards are saved in the order image
+# embeddings 1-4, image USA embeddings 5-8, caption embeddings 9-11; the tiny towers count the rows
+# the re-run computes (image rows of both image passes).
+@pytest.mark.parametrize("mode, n, backend, image_rows, caption_rows, damage", [
+    ("after-shard", 6, "faiss-flat", 28, 180, False),  # cross pass done, 2 USA shards recorded
+    ("after-shard", 9, "exact", 0, 116, False),  # both image passes and caption shard 0 recorded
+    ("before-record", 2, "exact", 44 + 60, 180, False),  # cross shard 1's file on disk, not recorded
+    ("after-shard", 10, "exact", 0, 116, True),  # caption shards 0-1 recorded, then 0's file damaged: 0, 2 computed
+], ids=["in-usa-pass", "in-caption-pass", "between-file-and-manifest", "finished-shard-damaged"])
+def test_index_build_sigkill_then_same_command_resumes_byte_identical(
+        tmp_path: Path, synth_dir: Path, index_run: Path, full_index: dict[str, Path],
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], mode: str, n: int, backend: str,
+        image_rows: int, caption_rows: int, damage: bool) -> None:
+    if backend.startswith("faiss"):
+        pytest.importorskip("faiss")
+    from itrkit.index.build import load_index, partial_path
+    from itrkit.models.tiny import TinyImageTower, TinyTextTower
+
+    out = tmp_path / "ix"
+    argv = _index(index_run, synth_dir, out, "--backend", backend)
+    _index_killed(mode, n, argv)
+    partial = partial_path(out)
+    assert not out.exists() and partial.is_dir()
+    if mode == "before-record":
+        assert (partial / "image_embeds-00001.safetensors").is_file()
+        assert "image_embeds-00001" not in json.loads((partial / "manifest.json").read_text())["shards"]
+    if damage:  # one byte of caption shard 0's rows (the end of the file) changed
+        shard = partial / "text_embeds-00000.safetensors"
+        raw = bytearray(shard.read_bytes())
+        raw[-5] ^= 0x01
+        shard.write_bytes(bytes(raw))
+    images, captions = _RowCounter(monkeypatch, TinyImageTower), _RowCounter(monkeypatch, TinyTextTower)
+    capsys.readouterr()
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert (images.rows, captions.rows) == (image_rows, caption_rows)
+    assert ("fail their checksum" in err) == damage
+    if caption_rows < 180:
+        assert f"caption embeddings: {(180 - caption_rows) // 64} of 3 shards ({180 - caption_rows} of 180 items) " \
+               "kept" in err
+    _same_index(full_index[backend], out)
+    assert load_index(out).fingerprint == load_index(full_index[backend]).fingerprint
+    assert not partial.exists() and not list(tmp_path.glob(".*"))
+
+
+def test_index_build_resume_embeds_again_the_shards_whose_images_changed(
+        tmp_path: Path, synth_dir: Path, index_run: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    from PIL import Image
+
+    from itrkit.data.records import Dataset
+    from itrkit.models.tiny import TinyImageTower, TinyTextTower
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_dir, data)
+    argv = _index(index_run, data, tmp_path / "ix")
+    _index_killed("after-shard", 9, argv)  # both image passes and caption shard 0 recorded
+    path = Dataset.load(data).image_paths[20]  # in image shard 1 (images 16-31)
+    Image.new("RGB", (64, 64), (200, 10, 90)).save(path)
+    images, captions = _RowCounter(monkeypatch, TinyImageTower), _RowCounter(monkeypatch, TinyTextTower)
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "image files of 1 finished shard(s) changed" in capsys.readouterr().err
+    assert (images.rows, captions.rows) == (2 * 16, 116)  # shard 1 through both image heads again
+    assert main(_index(index_run, data, tmp_path / "full")) == 0  # uninterrupted, on the changed image
+    _same_index(tmp_path / "full", tmp_path / "ix")
+
+
+def test_index_build_ctrl_c_keeps_shards_a_second_builder_is_refused_another_batch_size_starts_afresh(
+        tmp_path: Path, synth_dir: Path, index_run: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import fcntl
+    import os
+
+    import itrkit.index.build as build
+    from itrkit.models import load_model
+    from itrkit.models.tiny import TinyImageTower, TinyTextTower
+
+    out = tmp_path / "ix"
+    monkeypatch.setattr(build, "SHARD_ITEMS", 16)
+    model = load_model(index_run)
+    calls = [0]
+    real = model.encode_texts
+
+    def encode_texts(texts):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise KeyboardInterrupt
+        return real(texts)
+
+    monkeypatch.setattr(model, "encode_texts", encode_texts)
+    with pytest.raises(KeyboardInterrupt):
+        build.build_index(model, build.dataset_from_source(synth_dir), out, batch_size=8, progress=False)
+    partial = build.partial_path(out)
+    assert "interrupted: 9 finished shard(s)" in capsys.readouterr().err and partial.is_dir()
+    assert not out.exists()
+
+    fd = os.open(partial / ".lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another build holds the folder
+    try:
+        assert main(_index(index_run, synth_dir, out)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "being built by another process" in err[0] and str(partial) in err[0]
+    finally:
+        os.close(fd)
+    assert partial.is_dir() and not out.exists()
+
+    images, captions = _RowCounter(monkeypatch, TinyImageTower), _RowCounter(monkeypatch, TinyTextTower)
+    assert main(_index(index_run, synth_dir, out, "--batch-size", "4")) == 0  # another job
+    assert (images.rows, captions.rows) == (120, 180)  # nothing of the batch-8 shards mixed in
+    assert not partial.exists()

@@ -17,13 +17,23 @@ truncated or bit-flipped file is one :class:`StoreError` naming it. The model fi
 index to the encoder that must embed the queries; the data fingerprint (ids, captions and image
 bytes) names the data it was built from, and the service serves an image only while its bytes still
 hash to the indexed SHA-256.
+
+Resumable: the embeddings are computed in shards of about :data:`SHARD_ITEMS` items (whole
+batches), each saved with its checksum to ``.<name>.partial/`` beside the index as it finishes (see
+:class:`_Shards`). A build that is killed or interrupted and then run again with the same model,
+data and batch size embeds only the shards it had not finished; the index it writes has the same
+bytes as an uninterrupted build (the manifest differs only in ``created``).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import hashlib
 import json
+import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -33,7 +43,7 @@ from PIL import Image
 from itrkit.data.records import Caption, Dataset, ImageRecord
 from itrkit.errors import DataError, StoreError
 from itrkit.index.backends import BACKENDS, ExactIndex, VectorIndex, load_backend, make_index
-from itrkit.utils.io import atomic_dir, atomic_write_json, fingerprint, sha256_file
+from itrkit.utils.io import atomic_dir, atomic_path, atomic_write_json, fingerprint, sha256_file
 
 FORMAT = "itrkit-index/2"
 # Formats this reader refuses with a hint, rather than as unknown.
@@ -42,6 +52,11 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 # Matrix name in the safetensors files -> faiss file name for that matrix.
 FAISS_FILES = {"image_embeds": "image_embeds.faiss", "image_uni": "image_uni.faiss",
                "text_embeds": "text_embeds.faiss"}
+# Resumable builds (see _Shards): items per shard of an embedding pass, rounded up to whole batches.
+SHARD_ITEMS = 4096
+PARTIAL_FORMAT = "itrkit-index-partial/1"
+_PARTIAL_MANIFEST = "manifest.json"
+_LOCK = ".lock"
 
 
 @runtime_checkable
@@ -79,29 +94,206 @@ def dataset_from_source(source: str | Path, split: str | None = None) -> Dataset
 
 
 # --- building --------------------------------------------------------------------------------------
-def _embed(fn: Any, items: list[Any], what: str, ids: list[str], batch_size: int,
-           progress: bool) -> np.ndarray | None:
-    """Run an encoder method over ``items`` in batches; check it returns finite [n, d] float rows."""
+def partial_path(out_dir: str | Path) -> Path:
+    """The fixed folder a build of ``out_dir`` keeps its finished shards in (``.<name>.partial``)."""
+    out_dir = Path(out_dir)
+    return out_dir.with_name(f".{out_dir.name}.partial")
+
+
+class _Shards:
+    """Finished embedding shards of a build: ``.<index>.partial/`` beside the index folder.
+
+    One safetensors file per shard of a pass (``image_embeds``, ``image_uni``, ``text_embeds``):
+    its float32 rows and, for an image pass, the SHA-256 of each image file it embedded (hashed
+    right after the cross-head embedding). ``manifest.json`` (rewritten atomically after each shard)
+    names the job, the shard size and the SHA-256 of every finished shard file; a file it does not
+    list, or one that fails its checksum, is computed again. ``shard_items`` comes from the
+    manifest when it is for this job, so a resumed run cuts its shards where the killed one did.
+    An ``flock`` keeps a second build of the same index out of the folder.
+    """
+
+    def __init__(self, out_dir: Path, job: str) -> None:
+        self.folder = partial_path(out_dir)
+        self.job = job
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._lock_fd: int | None = os.open(self.folder / _LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise StoreError(f"{out_dir} is being built by another process (it holds the lock on {self.folder}); "
+                             "wait for it to finish or stop it") from None
+        m = self._read_manifest()
+        if m is not None:
+            self.shard_items: int = m["shard_items"]
+            self.done: dict[str, str] = {str(k): str(v) for k, v in m["shards"].items()}
+        else:  # nothing, or another job's shards (other model, data or batch size): start afresh
+            for p in self.folder.iterdir():
+                if p.name != _LOCK:
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            self.shard_items, self.done = SHARD_ITEMS, {}
+            self._write_manifest()
+
+    def _read_manifest(self) -> dict[str, Any] | None:
+        try:
+            m = json.loads((self.folder / _PARTIAL_MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if (not isinstance(m, dict) or m.get("format") != PARTIAL_FORMAT or m.get("job") != self.job
+                or not isinstance(m.get("shard_items"), int) or m["shard_items"] <= 0
+                or not isinstance(m.get("shards"), dict)):
+            return None
+        return m
+
+    def _write_manifest(self) -> None:
+        atomic_write_json(self.folder / _PARTIAL_MANIFEST, {"format": PARTIAL_FORMAT, "job": self.job,
+                                                            "shard_items": self.shard_items,
+                                                            "shards": dict(sorted(self.done.items()))})
+
+    def per_shard(self, batch_size: int) -> int:
+        """Items per shard of a pass: whole batches, so a resumed pass sees the same batches."""
+        return -(-self.shard_items // batch_size) * batch_size
+
+    @staticmethod
+    def _name(name: str, k: int) -> str:
+        return f"{name}-{k:05d}"
+
+    def is_done(self, name: str, k: int) -> bool:
+        return self._name(name, k) in self.done
+
+    def load(self, name: str, k: int, n: int) -> tuple[np.ndarray, list[str] | None] | None:
+        """The rows (and image hashes) of finished shard ``k`` of ``n`` items; None when its file
+        is missing, damaged (fails the SHA-256 the manifest records) or does not fit."""
+        from safetensors.numpy import load_file
+
+        key = self._name(name, k)
+        digest = self.done[key]
+        path = self.folder / f"{key}.safetensors"
+        try:
+            ok = path.is_file() and sha256_file(path) == digest
+            tensors = load_file(str(path)) if ok else {}
+        except Exception:  # unreadable: computed again
+            tensors = {}
+        rows, sums = tensors.get("rows"), tensors.get("image_sha256")
+        if (rows is None or rows.ndim != 2 or len(rows) != n or rows.dtype != np.float32
+                or (sums is not None and sums.shape != (n, 32))):
+            return None
+        return rows, [bytes(s).hex() for s in sums] if sums is not None else None
+
+    def save(self, name: str, k: int, rows: np.ndarray, image_sha256: list[str] | None) -> None:
+        """Write shard ``k`` of pass ``name`` (atomic rename), then record it in the manifest."""
+        from safetensors.numpy import save_file
+
+        key = self._name(name, k)
+        tensors = {"rows": np.ascontiguousarray(rows, dtype=np.float32)}
+        if image_sha256 is not None:
+            tensors["image_sha256"] = np.frombuffer(b"".join(bytes.fromhex(s) for s in image_sha256),
+                                                    dtype=np.uint8).reshape(-1, 32)
+        with atomic_path(self.folder / f"{key}.safetensors") as tmp:
+            save_file(tensors, str(tmp), metadata={"format": PARTIAL_FORMAT})
+        self._record(key, sha256_file(self.folder / f"{key}.safetensors"))
+
+    def _record(self, key: str, digest: str) -> None:
+        self.done[key] = digest
+        self._write_manifest()
+
+    def close(self, remove: bool) -> None:
+        """Release the lock; ``remove``: delete the folder (the build finished or failed)."""
+        if remove:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def _check_batch(out: Any, n: int, what: str, ids: list[str], start: int) -> np.ndarray:
+    """An encoder's output for ``n`` inputs as finite float32 [n, d] rows."""
+    out = np.asarray(out, dtype=np.float32)
+    if out.ndim != 2 or len(out) != n:
+        raise StoreError(f"encoder returned {what} of shape {tuple(out.shape)} for {n} inputs")
+    bad = np.flatnonzero(~np.isfinite(out).all(axis=1))
+    if len(bad):
+        raise DataError(f"non-finite {what} for '{ids[start + int(bad[0])]}'")
+    return out
+
+
+def _embed(fn: Any, items: list[Any], name: str, what: str, ids: list[str], batch_size: int, progress: bool,
+           shards: _Shards, image_sha256: list[str] | None = None, hash_files: bool = False) -> np.ndarray | None:
+    """Run an encoder method over ``items`` in batches, one shard at a time (None when it returns
+    None: a model without a USA head).
+
+    A finished shard of an interrupted run is kept when its file passes its checksum and, for an
+    image pass, while its images' SHA-256s (``image_sha256``) are the ones it recorded: an image
+    edited since is embedded again. ``hash_files`` (the first image pass): hash each file right
+    after embedding it (or, for a kept shard, now) into ``image_sha256``; the other image pass
+    compares with those."""
     from itrkit.utils.progress import progress as progress_lines
 
-    outs: list[np.ndarray] = []
-    starts = range(0, len(items), batch_size)
-    for start in progress_lines(starts, desc=f"embedding {what}", unit="batch", enabled=progress,
-                                what=f"computing {what} of {len(items)} items for the index"):
-        out = fn(items[start:start + batch_size])
-        if out is None:
-            if outs:
-                raise StoreError(f"encoder returned no {what} for batch at {start} after returning some")
-            return None
-        out = np.asarray(out, dtype=np.float32)
-        n = len(items[start:start + batch_size])
-        if out.ndim != 2 or len(out) != n:
-            raise StoreError(f"encoder returned {what} of shape {tuple(out.shape)} for {n} inputs")
-        bad = np.flatnonzero(~np.isfinite(out).all(axis=1))
-        if len(bad):
-            raise DataError(f"non-finite {what} for '{ids[start + int(bad[0])]}'")
-        outs.append(out)
-    return np.concatenate(outs) if outs else None
+    per = shards.per_shard(batch_size)
+    bounds = [(a, min(a + per, len(items))) for a in range(0, len(items), per)]
+    parts: dict[int, np.ndarray] = {}
+    damaged = changed = 0
+    for k, (a, b) in enumerate(bounds):
+        if not shards.is_done(name, k):
+            continue
+        got = shards.load(name, k, b - a)
+        if got is None:
+            damaged += 1
+            continue
+        rows, sums = got
+        if image_sha256 is not None:
+            now = [sha256_file(p) for p in items[a:b]] if hash_files else image_sha256[a:b]
+            if sums != now:
+                changed += 1
+                continue
+            image_sha256[a:b] = now
+        parts[k] = rows
+    where = shards.folder
+    if parts:
+        kept = sum(bounds[k][1] - bounds[k][0] for k in parts)
+        print(f"resuming {where}: {what}: {len(parts)} of {len(bounds)} shards ({kept} of {len(items)} items) "
+              "kept from an interrupted run", file=sys.stderr)
+    if damaged:
+        print(f"{where}: {damaged} finished shard(s) of {what} fail their checksum; computing them again",
+              file=sys.stderr)
+    if changed:
+        print(f"{where}: {what}: the image files of {changed} finished shard(s) changed since the interrupted "
+              "run; embedding them again", file=sys.stderr)
+    reused = len(parts)
+    todo = [k for k in range(len(bounds)) if k not in parts]
+    # A pass kept whole from an interrupted run has nothing to report.
+    bar = progress_lines(total=-(-len(items) // batch_size), desc=f"embedding {what}", unit="batch",
+                         enabled=progress and bool(todo), what=f"computing {what} of {len(items)} items for the "
+                         "index", cached_at=where, where_label="finished shards kept in")
+    try:
+        bar.skip(sum(-(-(bounds[k][1] - bounds[k][0]) // batch_size) for k in parts))
+        for k in todo:
+            a, b = bounds[k]
+            outs: list[np.ndarray] = []
+            for start in range(a, b, batch_size):
+                stop = min(start + batch_size, b)
+                out = fn(items[start:stop])
+                if out is None:
+                    if outs or parts:
+                        raise StoreError(f"encoder returned no {what} for batch at {start} after returning some"
+                                         + (f" (kept in {where})" if reused else ""))
+                    return None
+                outs.append(_check_batch(out, stop - start, what, ids, start))
+                bar.update(1)
+            sums = None
+            if image_sha256 is not None:
+                if hash_files:  # right after embedding: a file the encoder read is the file recorded
+                    image_sha256[a:b] = [sha256_file(p) for p in items[a:b]]
+                sums = image_sha256[a:b]
+            parts[k] = np.concatenate(outs)
+            shards.save(name, k, parts[k], sums)
+    finally:
+        bar.close()
+    dims = sorted({p.shape[1] for p in parts.values()})
+    if len(dims) > 1:
+        raise StoreError(f"encoder returned {what} of dimensions {dims} in different shards of {where}")
+    return np.concatenate([parts[k] for k in range(len(bounds))])
 
 
 def build_index(encoder: Encoder, dataset: Dataset, out_dir: str | Path, backend: str = "exact",
@@ -123,31 +315,62 @@ def build_index(encoder: Encoder, dataset: Dataset, out_dir: str | Path, backend
     paths = [Path(p).resolve() for p in dataset.image_paths]
     texts = dataset.texts
     cap_ids = dataset.caption_ids
+    captions = [[(c.id, c.text) for c in r.captions] for r in dataset.records]
+    model_fp = encoder.fingerprint()
+    text_batch = max(batch_size, 64)
+    # Everything that determines the embeddings (the device too: CPU and GPU differ in the last
+    # bits); the image bytes are checked per shard instead, so a resumed run reads each file once.
+    job = fingerprint(PARTIAL_FORMAT, model_fp, str(getattr(encoder, "device", "")), ids,
+                      [str(p) for p in paths], captions, batch_size, text_batch)
+    shards = _Shards(out_dir, job)
+    try:
+        image_sha256: list[str] = [""] * len(paths)
+        image_embeds = _embed(encoder.encode_images, paths, "image_embeds", "image embeddings", ids, batch_size,
+                              progress, shards, image_sha256=image_sha256, hash_files=True)
+        image_uni = _embed(encoder.encode_images_uni, paths, "image_uni", "image USA embeddings", ids, batch_size,
+                           progress, shards, image_sha256=image_sha256)
+        assert image_embeds is not None  # len(dataset) > 0
+        dim = image_embeds.shape[1]
+        text_embeds = _embed(encoder.encode_texts, texts, "text_embeds", "caption embeddings", cap_ids,
+                             text_batch, progress, shards) if texts else np.zeros((0, dim), np.float32)
+        if text_embeds is None or text_embeds.shape[1] != dim:
+            raise StoreError(f"encoder's caption embeddings do not match its image embeddings (dim {dim})")
+        _write_index(out_dir, overwrite, encoder_fp=model_fp, dataset=dataset, paths=paths,
+                     image_sha256=image_sha256, captions=captions, run_dir=run_dir, backend=backend,
+                     hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search,
+                     image_embeds=image_embeds, image_uni=image_uni, text_embeds=text_embeds)
+    except KeyboardInterrupt:
+        print(f"interrupted: {len(shards.done)} finished shard(s) of {out_dir} are kept in {shards.folder}; "
+              "run the same command again to continue", file=sys.stderr)
+        shards.close(remove=False)
+        raise
+    except BaseException:  # bad data, a broken encoder, a full disk: nothing is kept
+        shards.close(remove=True)
+        raise
+    shards.close(remove=True)
+    return out_dir
 
-    image_embeds = _embed(encoder.encode_images, paths, "image embeddings", ids, batch_size, progress)
-    image_uni = _embed(encoder.encode_images_uni, paths, "image USA embeddings", ids, batch_size, progress)
-    assert image_embeds is not None  # len(dataset) > 0
+
+def _write_index(out_dir: Path, overwrite: bool, *, encoder_fp: str, dataset: Dataset, paths: list[Path],
+                 image_sha256: list[str], captions: list[list[tuple[str, str]]], run_dir: str | Path | None,
+                 backend: str, hnsw_m: int, ef_construction: int, ef_search: int, image_embeds: np.ndarray,
+                 image_uni: np.ndarray | None, text_embeds: np.ndarray) -> None:
+    """Write the index folder (atomically: a folder with a manifest is a complete index)."""
+    ids = dataset.image_ids
     dim = image_embeds.shape[1]
-    text_embeds = _embed(encoder.encode_texts, texts, "caption embeddings", cap_ids, max(batch_size, 64),
-                         progress) if texts else np.zeros((0, dim), np.float32)
-    if text_embeds is None or text_embeds.shape[1] != dim:
-        raise StoreError(f"encoder's caption embeddings do not match its image embeddings (dim {dim})")
-
-    # Hashed after embedding, so a file the encoder read is the file recorded.
-    image_sha256 = [sha256_file(p) for p in paths]
-    data_fp = fingerprint(ids, image_sha256, [[(c.id, c.text) for c in r.captions] for r in dataset.records])
+    data_fp = fingerprint(ids, image_sha256, captions)
     params = {"m": hnsw_m, "ef_construction": ef_construction, "ef_search": ef_search} \
         if backend == "faiss-hnsw" else {}
     manifest = {
         "format": FORMAT,
-        "model_fingerprint": encoder.fingerprint(),
+        "model_fingerprint": encoder_fp,
         "data_fingerprint": data_fp,
         "run_dir": str(Path(run_dir).resolve()) if run_dir is not None else None,
         "backend": backend,
         "backend_params": params,
         "dim": int(dim),
         "uni_dim": int(image_uni.shape[1]) if image_uni is not None else None,
-        "counts": {"images": len(ids), "captions": len(texts)},
+        "counts": {"images": len(ids), "captions": len(text_embeds)},
         "dataset": dataset.name,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
@@ -177,7 +400,6 @@ def build_index(encoder: Encoder, dataset: Dataset, out_dir: str | Path, backend
         manifest["manifest_sha256"] = _manifest_digest(manifest)
         # The manifest goes last: a folder with a manifest is a complete index.
         atomic_write_json(tmp / "manifest.json", manifest)
-    return out_dir
 
 
 def _manifest_digest(manifest: dict[str, Any]) -> str:
