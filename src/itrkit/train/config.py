@@ -104,6 +104,11 @@ class TeacherConfig:
     image_store: str = ""  # folder written by ``itrkit teach``
     text_store: str = ""
     shuffle: bool = False  # control: permute teacher rows among training items once (seeded)
+    ram_mb: int = 1024  # the training split's teacher rows (float32) are read once into RAM up to this; 0 = per batch from disk
+
+    def validate(self) -> None:
+        if self.ram_mb < 0:
+            raise ConfigError(f"teacher.ram_mb must be >= 0, got {self.ram_mb}")
 
 
 @dataclass
@@ -169,6 +174,9 @@ class TrainConfig:
     tf32: bool = False  # CUDA: TF32 matmuls and convolutions (faster, ~10 mantissa bits); off = exact fp32
     compile: bool = False  # torch.compile the model's forward (CUDA; the first steps compile)
     grad_clip: float = 0.0  # clip the gradient norm to this (0 = off; VSE++ / SGRAF use 2.0)
+    # GradCache (the train.chunk_size): embed each rank's batch in chunks of this many rows without
+    # a graph, the loss over the whole batch, then each chunk again with gradient (0 = off; dual encoders)
+    chunk_size: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     # ModelConfig (dual encoder) or a fusion model's options dataclass, chosen by model.name.
     model: Any = field(default_factory=ModelConfig)
@@ -190,6 +198,11 @@ class TrainConfig:
             raise ConfigError(f"batch_size must be >= 2 (in-batch negatives), got {self.batch_size}")
         if self.grad_clip < 0:
             raise ConfigError(f"grad_clip must be >= 0, got {self.grad_clip}")
+        if self.chunk_size < 0:
+            raise ConfigError(f"chunk_size must be >= 0 (0 = off), got {self.chunk_size}")
+        if self.chunk_size and self.family == "fusion":
+            raise ConfigError(f"chunk_size (GradCache) is for dual encoders: a fusion matcher's ({self.model.name}) "
+                              "B×B scores are not a function of per-row embeddings; set chunk_size=0")
         if not self.stages:
             raise ConfigError("stages: at least one stage is needed")
         names = [s.name for s in self.stages]

@@ -2,7 +2,8 @@
 + warm-up and cosine / step / constant schedules, gradient clipping, validation-only model
 selection in the evaluator's direction, exact resume, NaN guard, clean Ctrl-C, bf16 / fp16 (with a
 checkpointed gradient scaler), data workers and DDP under ``torchrun`` — for every model family
-(:mod:`itrkit.train.tasks`).
+(:mod:`itrkit.train.tasks`); ``chunk_size`` trains a dual encoder's large batches in chunks with
+GradCache (:mod:`itrkit.train.gradcache`).
 
 ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``) is resolved before anything is
 written; the model and the loss modules (their temperatures, the instance classifier) live there,
@@ -24,6 +25,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,7 @@ from itrkit.errors import ConfigError, ItrkitError, NonFiniteLossError
 from itrkit.eval.evaluators import is_improvement
 from itrkit.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from itrkit.train.config import StageConfig, TrainConfig
+from itrkit.train.gradcache import GradCache, check_supported
 from itrkit.train.reporters import Reporters, check_available
 from itrkit.train.tasks import TrainingTask, build_task
 from itrkit.utils.device import every_rank, init_distributed, move_to, resolve_device
@@ -71,21 +74,35 @@ class TrainModule(nn.Module):
         self._forward_model: list[Any] = [torch.compile(self.model) if compile else self.model]
 
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:
+        return self.losses(self.encode(batch), batch)
+
+    def encode(self, batch: Any) -> dict[str, torch.Tensor]:
+        """The model's outputs (under autocast), half precision raised to float32."""
         device = next(self.model.parameters()).device.type
         dtype = self.autocast_dtype or torch.bfloat16
         with torch.autocast(device_type=device, dtype=dtype, enabled=self.autocast_dtype is not None):
             out = self._forward_model[0](batch)
         # Losses in float32: bf16 keeps 8 mantissa bits (fp16 10, with a 65504 ceiling), too few for
         # log-softmax over a batch and for soft labels that differ in the third decimal.
-        out = {k: v.float() if torch.is_floating_point(v) else v for k, v in out.items()}
+        return {k: _at_least_float32(v) for k, v in out.items()}
+
+    def losses(self, out: dict[str, torch.Tensor], batch: Any) -> dict[str, torch.Tensor]:
+        """Outputs → ``*_loss`` terms over the (gathered) batch."""
+        device = next(self.model.parameters()).device.type
+        dtype = self.autocast_dtype or torch.bfloat16
         if self.gather:
             # Losses over the global batch: features gathered with gradient (open_clip semantics).
             out, batch = self.task.gather(out, batch)
         # What needs the whole (gathered) batch, e.g. a fusion matcher's B×B scores.
         with torch.autocast(device_type=device, dtype=dtype, enabled=self.autocast_dtype is not None):
             out = self.task.after_gather(out)
-        out = {k: v.float() if torch.is_floating_point(v) else v for k, v in out.items()}
+        out = {k: _at_least_float32(v) for k, v in out.items()}
         return self.task.compute(out, batch)
+
+
+def _at_least_float32(v: torch.Tensor) -> torch.Tensor:
+    # float64 stays float64 (the gradient-equivalence tests run the whole step in float64).
+    return v.float() if torch.is_floating_point(v) and v.dtype != torch.float64 else v
 
 
 def _param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
@@ -182,6 +199,11 @@ class Trainer:
                                   precision=cfg.precision, compile=cfg.compile)
         # Model and loss modules (temperatures, the instance classifier) on the device; a no-op on the CPU.
         self.module.to(self.device)
+        # GradCache: the batch's embeddings in chunks of chunk_size rows, the loss over the whole batch.
+        self.gradcache: GradCache | None = None
+        if cfg.chunk_size:
+            check_supported(self.model)
+            self.gradcache = GradCache(self.module, cfg.chunk_size, self.world, params=lambda: self.params)
         self.scaler: torch.amp.GradScaler | None = None
         if cfg.precision == "fp16":
             self.scaler = torch.amp.GradScaler(self.device.type, init_scale=FP16_INIT_SCALE,
@@ -358,7 +380,11 @@ class Trainer:
                     for g in self.optimizer.param_groups:
                         g["lr"] = lr
                     batch = move_to(batch, self.device, non_blocking=True)
-                    out = self.ddp(batch)
+                    backward = None
+                    if self.gradcache is not None:
+                        out, backward = self.gradcache.forward(batch)
+                    else:
+                        out = self.ddp(batch)
                     losses = {k: v for k, v in out.items() if k.endswith("_loss")}
                     if not losses:
                         raise ConfigError("the training task's forward returned no '*_loss' term")
@@ -368,7 +394,7 @@ class Trainer:
                         raise NonFiniteLossError(
                             f"non-finite loss at step {step + 1} (stage {stage.name}, epoch {epoch + 1}, batch {b}): "
                             f"terms {terms}; {self.task.describe_batch(idx)}; last good checkpoint kept in {self.run_dir / 'checkpoints'}")
-                    self._backward_step(loss)
+                    self._backward_step(loss, backward)
                     self.task.clamp_temperatures_()
                     step += 1
                     self.step = step
@@ -389,17 +415,19 @@ class Trainer:
                     self._checkpoint(si + 1, 0, 0, step)
         return step
 
-    def _backward_step(self, loss: torch.Tensor) -> None:
-        """Backward, clip and optimizer step; with fp16 through the gradient scaler (a step whose
-        scaled gradients overflowed is skipped and the scale halves)."""
+    def _backward_step(self, loss: torch.Tensor, backward: Callable[[torch.Tensor], None] | None = None) -> None:
+        """Backward (``backward``: GradCache's chunked one), clip and optimizer step; with fp16
+        through the gradient scaler (a step whose scaled gradients overflowed is skipped and the
+        scale halves)."""
         self.optimizer.zero_grad(set_to_none=True)
+        backward = backward or torch.Tensor.backward
         if self.scaler is None:
-            loss.backward()
+            backward(loss)
             if self.cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
             self.optimizer.step()
             return
-        self.scaler.scale(loss).backward()
+        backward(self.scaler.scale(loss))
         if self.cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
             nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
