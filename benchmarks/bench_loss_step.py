@@ -1,130 +1,205 @@
-"""One training step of the heads with InfoNCE vs with CUSA, measured side by side.
+"""A full CUSA training step vs an InfoNCE step, through itrkit's own task and training module.
 
-A step = heads forward (LayerNorm + Linear 1280→256 image, 384→256 text; CUSA adds the two USA
-heads), loss, backward, AdamW. Inputs are fixed random tower features at B=128 (cached-feature
-training, as on CPU); CUSA also reads teacher features (1280-d image, 768-d text). The two steps
-alternate in one process so both see the same machine state; the ratio is of medians. The loss
-alone (forward + backward on fixed 256-d embeddings) is timed too, to separate the objective's
-cost from the extra USA heads.
+Each step is the trainer's loop body: ``task.make_batch`` (tower features or inputs, and for CUSA
+the teacher rows from real on-disk stores), ``TrainModule`` forward (model, objective), backward,
+AdamW, temperature clamping. Both methods use the same model settings (CUSA adds the two USA
+heads and the teacher stores: 1280-d image, 768-d text, float16 as ``itrkit teach`` writes
+them) and the same batches in the same order. Two settings:
 
-    .venv/bin/python benchmarks/bench_loss_step.py [--quick] [--batch 128] [--steps 200] [--threads 1]
+- ``cached``: heads on cached EfficientNet-Lite0 / MiniLM features, B=128 (the CPU recipe);
+- ``top2`` (``--top2``): live towers with ``model.image_trainable=top:2
+  model.text_trainable=top:2 model.cached_features=false`` (the towers dominate), B=``--top2-batch``.
+
+Variants alternate step by step in one process, with the order rotated each round, so load noise
+from other jobs hits all alike; ratios are of medians. ``--profile N`` prints where a CUSA step's
+time goes (torch.profiler over N steps) instead. ``--json PATH`` writes the figures
+(``step_ratio_cached``, ``step_ratio_top2``, medians in ms).
+
+    .venv/bin/python benchmarks/bench_loss_step.py [--quick] [--top2] [--json PATH] [--profile 50]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
-from torch import nn
 
-from itrkit.losses import ContrastiveLoss, CUSALoss, USAProjector
+from itrkit.config import load_config
+from itrkit.data.records import Dataset
+from itrkit.data.synthetic import make_synthetic
+from itrkit.teachers.store import FeatureStore
+from itrkit.train.config import TrainConfig
+from itrkit.train.tasks import DualEncoderTask
+from itrkit.train.trainer import TrainModule
+from itrkit.utils.device import move_to
+from itrkit.utils.io import atomic_write_text
 
 
 def _peak_rss_mb() -> float:
-    # ru_maxrss is KiB on Linux, bytes on macOS.
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
 
 
-def _make_step(use_cusa: bool, batch: int, seed: int) -> Callable[[], float]:
-    torch.manual_seed(seed)
-    heads = nn.ModuleDict({"img": USAProjector(1280, 256), "txt": USAProjector(384, 256)})
-    if use_cusa:
-        heads["img_uni"] = USAProjector(1280, 256)
-        heads["txt_uni"] = USAProjector(384, 256)
-        loss_fn: nn.Module = CUSALoss(alpha=0.1, beta=0.5)
-    else:
-        loss_fn = ContrastiveLoss()
-    params = list(heads.parameters()) + list(loss_fn.parameters())
-    opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-3, weight_decay=0.01)
-    g = torch.Generator().manual_seed(seed + 1)
-    x_img, x_txt = torch.randn(batch, 1280, generator=g), torch.randn(batch, 384, generator=g)
-    t_img, t_txt = torch.randn(batch, 1280, generator=g), torch.randn(batch, 768, generator=g)
-    ids = torch.randint(0, 6000, (batch,), generator=g)
+def _prepare(work: Path, n_images: int) -> tuple[Path, list[str]]:
+    """A synthetic data set and random float16 teacher stores for it (reused when present)."""
+    data = work / f"synth{n_images}"
+    if not (data / "dataset.json").is_file():
+        make_synthetic(data, n_images=n_images, captions_per_image=2, seed=0, size=64, progress=False)
+    ds = Dataset.load(data)
+    g = np.random.default_rng(0)
+    over = []
+    for kind, ids, dim in (("image", ds.image_ids, 1280), ("text", ds.caption_ids, 768)):
+        path = work / f"{kind}{n_images}.store"
+        if not path.is_dir():
+            w = FeatureStore.create(path, ids, dim, {"name": f"random-{kind}"}, kind)
+            w.write(0, g.standard_normal((len(ids), dim)).astype(np.float32))
+            w.close()
+        over.append(f"teacher.{kind}_store={path}")
+    return data, over
 
-    def step() -> float:
-        opt.zero_grad(set_to_none=True)
-        img, txt = heads["img"](x_img), heads["txt"](x_txt)
-        if use_cusa:
-            out = loss_fn(img, txt, ids, t_img, t_txt, heads["img_uni"](x_img), heads["txt_uni"](x_txt))
-        else:
-            out = loss_fn(img, txt, ids)
-        loss = sum(out.values())
+
+class Case:
+    """One method's task, training module and optimizer; ``step()`` = one trainer step."""
+
+    def __init__(self, cusa: bool, data: Path, teachers: list[str], batch: int, live: bool, work: Path,
+                 extra: list[str]) -> None:
+        over = [f"data.path={data}", f"batch_size={batch}", f"cache_dir={work / 'cache'}", "loss.tau=0.05",
+                "model.trunk=none", *extra]
+        if live:
+            over += ["model.cached_features=false", "model.image_trainable=top:2", "model.text_trainable=top:2"]
+        if cusa:
+            over += ["loss.csa=1", "loss.usa=1", "model.usa_heads=true", "loss.tau_teacher=0.1", *teachers]
+        cfg = load_config(TrainConfig, None, overrides=over)
+        torch.manual_seed(0)
+        self.task = DualEncoderTask(cfg, Dataset.load(data))
+        self.task.set_weights(cfg.weights(cfg.stages[0]))
+        self.module = TrainModule(self.task, gather=False)
+        self.module.train()
+        self.opt = torch.optim.AdamW([p for p in self.module.parameters() if p.requires_grad], lr=1e-4,
+                                     weight_decay=0.01)
+        self.batches = self.task.epoch_batches(0, 0)
+        self.k = 0
+        self.device = next(self.module.parameters()).device
+        self.last: dict[str, float] = {}
+
+    def step(self) -> None:
+        idx = self.batches[self.k % len(self.batches)]
+        self.k += 1
+        batch = move_to(self.task.make_batch(idx), self.device)
+        out = self.module(batch)
+        losses = {k: v for k, v in out.items() if k.endswith("_loss")}
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"non-finite loss {float(loss)}")
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        loss_fn.clamp_temperatures_()
-        return float(loss.detach())
-
-    return step
+        self.opt.step()
+        self.task.clamp_temperatures_()
+        self.last = {k: float(v.detach()) for k, v in losses.items()}
 
 
-def _make_loss_only(use_cusa: bool, batch: int, seed: int) -> Callable[[], float]:
-    """Loss forward + backward on fixed embeddings (no heads, no optimizer): the objective's own cost."""
-    g = torch.Generator().manual_seed(seed + 2)
-    emb = [torch.randn(batch, 256, generator=g).requires_grad_() for _ in range(4)]
-    t_img, t_txt = torch.randn(batch, 1280, generator=g), torch.randn(batch, 768, generator=g)
-    ids = torch.randint(0, 6000, (batch,), generator=g)
-    loss_fn: nn.Module = CUSALoss(alpha=0.1, beta=0.5) if use_cusa else ContrastiveLoss()
+def _time(cases: dict[str, Callable[[], None]], steps: int) -> dict[str, list[float]]:
+    for fn in cases.values():  # warm-up: allocator, lazy init, page cache
+        fn()
+        fn()
+    names = list(cases)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for i in range(steps):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            t0 = time.perf_counter()
+            cases[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
 
-    def step() -> float:
-        out = loss_fn(emb[0], emb[1], ids, t_img, t_txt, emb[2], emb[3]) if use_cusa else loss_fn(emb[0], emb[1], ids)
-        loss = sum(out.values())
-        loss.backward()
-        return float(loss.detach())
 
-    return step
+def _report(label: str, times: dict[str, list[float]], cases: dict[str, Case]) -> dict[str, float]:
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    for k, v in times.items():
+        q = statistics.quantiles(v, n=10) if len(v) > 2 else [min(v), max(v)]
+        print(f"  {label} {k:8s}: median {med[k]:8.2f} ms (p10 {q[0] * 1e3:.2f}, p90 {q[-1] * 1e3:.2f}) "
+              f"last losses {cases[k].last}")
+    ratio = med["cusa"] / med["infonce"]
+    print(f"  {label}: CUSA / InfoNCE full step {ratio:.3f}x")
+    return {"ratio": ratio, "infonce_ms": med["infonce"], "cusa_ms": med["cusa"]}
+
+
+def _profile(case: Case, steps: int) -> None:
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    for _ in range(3):
+        case.step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            idx = case.batches[case.k % len(case.batches)]
+            case.k += 1
+            with record_function("## make_batch (teacher rows)"):
+                batch = move_to(case.task.make_batch(idx), case.device)
+            with record_function("## forward + loss"):
+                out = case.module(batch)
+                loss = sum(v for k, v in out.items() if k.endswith("_loss"))
+            with record_function("## backward"):
+                case.opt.zero_grad(set_to_none=True)
+                loss.backward()
+            with record_function("## optimizer + clamp"):
+                case.opt.step()
+                case.task.clamp_temperatures_()
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=40))
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="30 timed steps instead of --steps")
+    ap.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
+    ap.add_argument("--steps", type=int, default=0, help="timed steps per method, cached (default 200, quick 40)")
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=200)
-    # One thread by default: on a shared 2-core machine two threads per process thrash and the
-    # timings spread over 10x; pass --threads 0 for torch's default.
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch default)")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    steps = 30 if args.quick else args.steps
-
-    rss0 = _peak_rss_mb()
-    nce = _make_step(False, args.batch, seed=0)
-    for _ in range(5):
-        nce()
-    rss_nce = _peak_rss_mb()
-    cusa = _make_step(True, args.batch, seed=0)
-    for _ in range(5):
-        cusa()
-    rss_cusa = _peak_rss_mb()
-
-    fns = {"infonce": nce, "cusa": cusa,
-           "infonce_loss_only": _make_loss_only(False, args.batch, 0), "cusa_loss_only": _make_loss_only(True, args.batch, 0)}
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    losses: dict[str, float] = {}
-    names = list(fns)
-    for i in range(steps):
-        # Rotate the order so drift (thermal, other processes) hits every variant alike.
-        for name in names[i % len(names):] + names[:i % len(names)]:
-            t0 = time.perf_counter()
-            losses[name] = fns[name]()
-            times[name].append(time.perf_counter() - t0)
-
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    print(f"B={args.batch}, {steps} timed steps each, torch threads={torch.get_num_threads()}")
-    for k in names:
-        q = statistics.quantiles(times[k], n=10)
-        print(f"  {k:18s}: median {med[k]:7.2f} ms  (p10 {q[0] * 1e3:.2f}, p90 {q[-1] * 1e3:.2f})  "
-              f"last loss {losses[k]:.4f}")
-    print(f"  ratio cusa / infonce, full step: {med['cusa'] / med['infonce']:.2f}x; "
-          f"loss forward+backward only: {med['cusa_loss_only'] / med['infonce_loss_only']:.2f}x")
-    print(f"  peak RSS: start {rss0:.0f} MB, after InfoNCE warm-up {rss_nce:.0f} MB, "
-          f"after CUSA warm-up {rss_cusa:.0f} MB, end {_peak_rss_mb():.0f} MB")
+    ap.add_argument("--top2", action="store_true", help="also time live towers with top:2 trainable")
+    ap.add_argument("--top2-batch", type=int, default=32)
+    ap.add_argument("--top2-steps", type=int, default=0, help="default 20, quick 6")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch default); 1 on a shared machine")
+    ap.add_argument("--profile", type=int, default=0, metavar="N", help="profile N CUSA cached steps and exit")
+    ap.add_argument("--set", action="append", default=[], help="extra config override for both methods")
+    ap.add_argument("--workdir", default="", help="where the synthetic data, stores and feature cache live "
+                    "(default: a temporary folder)")
+    ap.add_argument("--json", default="", help="write the figures as JSON here")
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    steps = a.steps or (40 if a.quick else 200)
+    top2_steps = a.top2_steps or (6 if a.quick else 20)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(a.workdir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        # Enough pairs for a few distinct batches of the train split.
+        data, teachers = _prepare(work, max(400, 3 * a.batch))
+        cached = {"infonce": Case(False, data, teachers, a.batch, False, work, a.set),
+                  "cusa": Case(True, data, teachers, a.batch, False, work, a.set)}
+        if a.profile:
+            _profile(cached["cusa"], a.profile)
+            return
+        print(f"B={a.batch}, {steps} timed steps each (cached), torch threads={torch.get_num_threads()}")
+        res: dict[str, Any] = {"batch": a.batch, "steps": steps, "threads": torch.get_num_threads()}
+        r = _report("cached", _time({k: c.step for k, c in cached.items()}, steps), cached)
+        res.update(step_ratio_cached=r["ratio"], cached_infonce_ms=r["infonce_ms"], cached_cusa_ms=r["cusa_ms"])
+        if a.top2:
+            live = {"infonce": Case(False, data, teachers, a.top2_batch, True, work, a.set),
+                    "cusa": Case(True, data, teachers, a.top2_batch, True, work, a.set)}
+            print(f"top:2 live towers, B={a.top2_batch}, {top2_steps} timed steps each")
+            r = _report("top2", _time({k: c.step for k, c in live.items()}, top2_steps), live)
+            res.update(step_ratio_top2=r["ratio"], top2_batch=a.top2_batch, top2_steps=top2_steps,
+                       top2_infonce_ms=r["infonce_ms"], top2_cusa_ms=r["cusa_ms"])
+        res["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+        print(f"  peak RSS {res['peak_rss_mb']:.0f} MB")
+        if a.json:
+            atomic_write_text(a.json, json.dumps(res, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 Two ways to feed the model: *cached* tower features (computed once per model and data
 fingerprint, the CPU path of docs/method.md §5) or *live* inputs prepared for the towers each step.
-Teacher features come from memory-mapped stores, looked up per batch (O(batch)).
+Teacher features: the split's rows of each store are read once into RAM (float32) when they fit
+the ``teacher.ram_mb`` budget, else looked up on disk per batch (O(batch), constant memory).
+Both give the same float32 values (the same read, check and conversion).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from itrkit.data.records import Dataset
 from itrkit.errors import DataError
 from itrkit.models.dual_encoder import DualEncoder
 from itrkit.models.embed import embed_live, image_keys, split_features  # noqa: E402,F401 (re-exported)
+from itrkit.train.config import TeacherConfig
 
 
 class PairData:
@@ -40,8 +43,9 @@ class PairData:
             img, txt = split_features(model, ds, cache_dir)
             self.image_features = torch.from_numpy(img)
             self.text_features = torch.from_numpy(txt)
-        self.teacher_image = None  # (store, rows per image)
-        self.teacher_text = None
+        # (store, store row of each image / caption, in-RAM float32 table of those rows or None)
+        self.teacher_image: tuple[Any, np.ndarray, torch.Tensor | None] | None = None
+        self.teacher_text: tuple[Any, np.ndarray, torch.Tensor | None] | None = None
         # Live image towers: each image is decoded and preprocessed once, then served from RAM
         # (LRU under the budget; per worker process when a DataLoader forks workers).
         self.image_cache = ImageCache(image_cache_mb << 20) if image_cache_mb > 0 and not cached else None
@@ -59,18 +63,31 @@ class PairData:
             return self.model.image_tower.prepare(paths)
         return torch.from_numpy(np.stack([self.image_cache.get(p, self._tower_input) for p in paths]))
 
-    def attach_teachers(self, image_store: Any, text_store: Any, shuffle_seed: int | None = None) -> None:
-        """Row indices of each image / caption in the stores; ``shuffle_seed`` permutes them (control)."""
+    def attach_teachers(self, image_store: Any, text_store: Any, shuffle_seed: int | None = None,
+                        ram_mb: int | None = None) -> None:
+        """Row indices of each image / caption in the stores; ``shuffle_seed`` permutes them (control).
+
+        ``ram_mb`` (default ``teacher.ram_mb``): the split's rows of both stores together, as
+        float32, are read once into memory when they fit; a store that does not fit what is left
+        stays on disk (image store first).
+        """
+        budget = (TeacherConfig.ram_mb if ram_mb is None else int(ram_mb)) << 20
         if image_store is not None:
             rows = image_store.index_for(self.image_ids)
             if shuffle_seed is not None:
                 rows = rows[np.random.default_rng([shuffle_seed, 1]).permutation(len(rows))]
-            self.teacher_image = (image_store, rows)
+            self.teacher_image = (image_store, rows, _in_ram(image_store, rows, budget))
+            budget -= _table_bytes(self.teacher_image[2])
         if text_store is not None:
             rows = text_store.index_for(self.caption_ids)
             if shuffle_seed is not None:
                 rows = rows[np.random.default_rng([shuffle_seed, 2]).permutation(len(rows))]
-            self.teacher_text = (text_store, rows)
+            self.teacher_text = (text_store, rows, _in_ram(text_store, rows, budget))
+
+    def teachers_in_ram(self) -> dict[str, bool]:
+        """Which attached teacher stores are served from memory."""
+        return {k: t[2] is not None for k, t in (("image", self.teacher_image), ("text", self.teacher_text))
+                if t is not None}
 
     def order(self, seed: int, stage: int, epoch: int) -> np.ndarray:
         # Depends only on (seed, stage, epoch): methods with the same seed see the same batches,
@@ -97,16 +114,39 @@ class PairData:
             b["image_inputs"] = self.image_inputs(img_idx)
             b["text_inputs"] = self.model.text_tower.prepare([self.texts[i] for i in cap_idx])
         if self.teacher_image is not None:
-            store, rows = self.teacher_image
-            b["teacher_image"] = store.rows(rows[img_idx])
+            b["teacher_image"] = _teacher_rows(self.teacher_image, img_idx)
         if self.teacher_text is not None:
-            store, rows = self.teacher_text
-            b["teacher_text"] = store.rows(rows[cap_idx])
+            b["teacher_text"] = _teacher_rows(self.teacher_text, cap_idx)
         return b
 
     def describe_batch(self, cap_idx: np.ndarray, n: int = 4) -> str:
         ids = [self.caption_ids[i] for i in np.asarray(cap_idx)[:n]]
         return ", ".join(ids) + (" …" if len(cap_idx) > n else "")
+
+
+_RAM_CHUNK_ROWS = 1 << 14  # rows per read while filling the in-RAM table: bounds the transient copies
+
+
+def _in_ram(store: Any, rows: np.ndarray, budget_bytes: int) -> torch.Tensor | None:
+    """``store.rows(rows)`` read once (in chunks) when the float32 table fits ``budget_bytes``, else None."""
+    if len(rows) * int(store.dim) * 4 > budget_bytes:
+        return None
+    table = torch.empty((len(rows), int(store.dim)), dtype=torch.float32)
+    for s in range(0, len(rows), _RAM_CHUNK_ROWS):
+        # The per-batch reader itself (finite check, float16 → float32), so values are identical.
+        table[s:s + _RAM_CHUNK_ROWS] = store.rows(rows[s:s + _RAM_CHUNK_ROWS])
+    return table
+
+
+def _table_bytes(table: torch.Tensor | None) -> int:
+    return 0 if table is None else table.numel() * table.element_size()
+
+
+def _teacher_rows(teacher: tuple[Any, np.ndarray, torch.Tensor | None], idx: np.ndarray) -> torch.Tensor:
+    store, rows, table = teacher
+    if table is not None:
+        return table[torch.from_numpy(np.asarray(idx, dtype=np.int64))]
+    return store.rows(rows[idx])
 
 
 def embed_split(model: DualEncoder, data: PairData) -> dict[str, np.ndarray]:
