@@ -394,7 +394,7 @@ class Trainer:
                         raise NonFiniteLossError(
                             f"non-finite loss at step {step + 1} (stage {stage.name}, epoch {epoch + 1}, batch {b}): "
                             f"terms {terms}; {self.task.describe_batch(idx)}; last good checkpoint kept in {self.run_dir / 'checkpoints'}")
-                    self._backward_step(loss, backward)
+                    self._backward_step(loss) if backward is None else self._backward_step(loss, backward)
                     self.task.clamp_temperatures_()
                     step += 1
                     self.step = step
