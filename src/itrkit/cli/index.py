@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from itrkit.index.backends import BACKENDS
+from itrkit.index.backends import AUTO_EXACT_MAX, BACKEND_CHOICES, DEFAULT_TARGET_RECALL, choose_backend
 from itrkit.utils.device import add_device_argument, resolve_device
 from itrkit.utils.optional import require
 
@@ -39,18 +39,26 @@ def _encoder_for(index, run: str | None, device: str = "auto"):
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
+    from itrkit.errors import ConfigError
     from itrkit.index.build import build_index, dataset_from_source
 
+    target = getattr(args, "target_recall", DEFAULT_TARGET_RECALL)
+    if not 0.0 < target <= 1.0:
+        raise ConfigError(f"--target-recall must be in (0, 1], got {target}")
     if args.backend.startswith("faiss"):  # before any embedding work
         require("faiss", "index", f"itrkit index build --backend {args.backend}")
     device = getattr(args, "device", "auto")
     resolve_device(device)  # before any embedding work
     dataset = dataset_from_source(args.images, split=args.split)
+    backend = choose_backend(max(len(dataset), len(dataset.captions)), args.backend)
+    if backend.startswith("faiss"):  # auto chose an approximate index: still before any embedding work
+        require("faiss", "index", f"itrkit index build of more than {AUTO_EXACT_MAX} items (--backend {backend})")
     encoder = _on_device(load_encoder(args.run), device)
-    out = build_index(encoder, dataset, args.out, backend=args.backend, run_dir=args.run,
+    out = build_index(encoder, dataset, args.out, backend=backend, run_dir=args.run,
                       batch_size=args.batch_size, overwrite=args.overwrite, hnsw_m=args.hnsw_m,
-                      ef_construction=args.ef_construction, ef_search=args.ef_search, progress=not args.quiet)
-    print(f"indexed {len(dataset)} images and {len(dataset.captions)} captions ({args.backend}) → {out}")
+                      ef_construction=args.ef_construction, ef_search=args.ef_search, progress=not args.quiet,
+                      target_recall=target)
+    print(f"indexed {len(dataset)} images and {len(dataset.captions)} captions ({backend}) → {out}")
     return 0
 
 
@@ -132,12 +140,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--images", required=True, help="prepared dataset folder, or a plain folder of images")
     b.add_argument("--out", required=True, help="index folder to write")
     b.add_argument("--split", default=None, help="dataset split(s) to index, e.g. test or train+val (default: all)")
-    b.add_argument("--backend", default="exact", choices=BACKENDS,
-                   help="exact: chunked matrix product; faiss-flat / faiss-hnsw for large galleries")
+    b.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                   help=f"auto (default): exact up to {AUTO_EXACT_MAX:,} images or captions, faiss-hnsw above; "
+                        "exact: chunked matrix product; faiss-flat; faiss-hnsw / faiss-ivf / faiss-ivfpq "
+                        "(approximate, calibrated to --target-recall)")
+    b.add_argument("--target-recall", type=float, default=DEFAULT_TARGET_RECALL,
+                   help="approximate backends: raise ef_search / nprobe until recall@10 against exact search "
+                        "on held-out queries reaches this (stored in the manifest with the measured recall)")
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--hnsw-m", type=int, default=32, help="HNSW links per node")
     b.add_argument("--ef-construction", type=int, default=200)
-    b.add_argument("--ef-search", type=int, default=128)
+    b.add_argument("--ef-search", type=int, default=128,
+                   help="HNSW beam; replaced by the value calibrated to --target-recall")
     b.add_argument("--overwrite", action="store_true")
     b.add_argument("--quiet", action="store_true")
     add_device_argument(b)

@@ -4,6 +4,8 @@ Folder layout (written at once with :func:`itrkit.utils.io.atomic_dir`)::
 
     manifest.json        {"format": "itrkit-index/2", "model_fingerprint", "data_fingerprint", "run_dir",
                           "backend", "backend_params", "dim", "uni_dim", "counts", "dataset", "created",
+                          "calibration" (approximate backends: per matrix, the calibrated search
+                          "params" and the measured "recall_at_10" against exact search),
                           "files": {name: {"bytes", "sha256"}}, "manifest_sha256"}
     images.safetensors   image_embeds [N, d] (cross head), image_uni [N, d'] (USA head, if any)
     captions.safetensors text_embeds [M, d] (cross head)
@@ -42,7 +44,14 @@ from PIL import Image
 
 from itrkit.data.records import Caption, Dataset, ImageRecord
 from itrkit.errors import DataError, StoreError
-from itrkit.index.backends import BACKENDS, ExactIndex, VectorIndex, load_backend, make_index
+from itrkit.index.backends import (
+    DEFAULT_TARGET_RECALL,
+    ExactIndex,
+    VectorIndex,
+    build_calibrated,
+    choose_backend,
+    load_backend,
+)
 from itrkit.utils.io import atomic_dir, atomic_path, atomic_write_json, fingerprint, sha256_file
 
 FORMAT = "itrkit-index/2"
@@ -296,15 +305,18 @@ def _embed(fn: Any, items: list[Any], name: str, what: str, ids: list[str], batc
     return np.concatenate([parts[k] for k in range(len(bounds))])
 
 
-def build_index(encoder: Encoder, dataset: Dataset, out_dir: str | Path, backend: str = "exact",
+def build_index(encoder: Encoder, dataset: Dataset, out_dir: str | Path, backend: str = "auto",
                 run_dir: str | Path | None = None, batch_size: int = 32, overwrite: bool = False,
                 hnsw_m: int = 32, ef_construction: int = 200, ef_search: int = 128,
-                progress: bool = True) -> Path:
-    """Embed every image (cross head and USA head when present) and caption of ``dataset`` into ``out_dir``."""
-    if backend not in BACKENDS:
-        from itrkit.errors import ConfigError
+                progress: bool = True, target_recall: float = DEFAULT_TARGET_RECALL) -> Path:
+    """Embed every image (cross head and USA head when present) and caption of ``dataset`` into ``out_dir``.
 
-        raise ConfigError(f"unknown index backend '{backend}' (use {', '.join(BACKENDS)})")
+    ``backend="auto"``: chosen by the largest matrix (:func:`itrkit.index.backends.choose_backend`).
+    An approximate backend's search parameters are calibrated to ``target_recall`` (recall@10
+    against exact search; ``ef_search`` is only the starting value) and the manifest's
+    ``calibration`` records, per matrix, the chosen parameters and the measured recall.
+    """
+    backend = choose_backend(max(len(dataset), len(dataset.captions)), backend)
     if len(dataset) == 0:
         raise DataError(f"dataset '{dataset.name}' has no images to index")
     dataset.validate(check_files=True)
@@ -338,7 +350,7 @@ def build_index(encoder: Encoder, dataset: Dataset, out_dir: str | Path, backend
         _write_index(out_dir, overwrite, encoder_fp=model_fp, dataset=dataset, paths=paths,
                      image_sha256=image_sha256, captions=captions, run_dir=run_dir, backend=backend,
                      hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search,
-                     image_embeds=image_embeds, image_uni=image_uni, text_embeds=text_embeds)
+                     target_recall=target_recall, image_embeds=image_embeds, image_uni=image_uni, text_embeds=text_embeds)
     except KeyboardInterrupt:
         print(f"interrupted: {len(shards.done)} finished shard(s) of {out_dir} are kept in {shards.folder}; "
               "run the same command again to continue", file=sys.stderr)
@@ -353,7 +365,8 @@ def build_index(encoder: Encoder, dataset: Dataset, out_dir: str | Path, backend
 
 def _write_index(out_dir: Path, overwrite: bool, *, encoder_fp: str, dataset: Dataset, paths: list[Path],
                  image_sha256: list[str], captions: list[list[tuple[str, str]]], run_dir: str | Path | None,
-                 backend: str, hnsw_m: int, ef_construction: int, ef_search: int, image_embeds: np.ndarray,
+                 backend: str, hnsw_m: int, ef_construction: int, ef_search: int, target_recall: float,
+                 image_embeds: np.ndarray,
                  image_uni: np.ndarray | None, text_embeds: np.ndarray) -> None:
     """Write the index folder (atomically: a folder with a manifest is a complete index)."""
     ids = dataset.image_ids
@@ -391,9 +404,18 @@ def _write_index(out_dir: Path, overwrite: bool, *, encoder_fp: str, dataset: Da
         save_file({"text_embeds": text_embeds}, str(tmp / "captions.safetensors"), metadata={"format": FORMAT})
         atomic_write_json(tmp / "items.json", items)
         if backend != "exact":
+            # Held-out calibration queries: the query side of each search (captions for the image
+            # index, images for the caption index); image->image search samples the gallery itself.
+            query_for = {"image_embeds": text_embeds, "text_embeds": image_embeds, "image_uni": None}
+            manifest["calibration"] = {}
             for key, mat in {**images, "text_embeds": text_embeds}.items():
-                index = make_index(backend, mat.shape[1], **params)
-                index.add(mat)
+                if len(mat) == 0:
+                    continue
+                index, info = build_calibrated(backend, mat, query_for[key], target_recall, **params)
+                if not info["reached"]:
+                    print(f"{out_dir}: {key}: recall@10 {info['recall_at_10']} is below the target "
+                          f"{target_recall} at the largest {info['params']}", file=sys.stderr)
+                manifest["calibration"][key] = info
                 index.save(tmp / FAISS_FILES[key])
         manifest["files"] = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
                              for f in sorted(tmp.iterdir()) if f.is_file()}
@@ -539,7 +561,8 @@ class IndexReader:
     def _searcher(self, key: str, matrix: np.ndarray) -> VectorIndex:
         if self.backend == "exact":
             return ExactIndex.from_vectors(matrix, copy=False)
-        index = load_backend(self.backend, self._verify_file(FAISS_FILES[key]))
+        stored = self.manifest.get("calibration", {}).get(key, {}).get("params")  # the calibrated ones
+        index = load_backend(self.backend, self._verify_file(FAISS_FILES[key]), params=stored, vectors=matrix)
         if index.ntotal != len(matrix) or index.dim != matrix.shape[1]:
             raise StoreError(f"{self.folder / FAISS_FILES[key]}: holds {index.ntotal} x {index.dim} vectors, "
                              f"expected {len(matrix)} x {matrix.shape[1]}")
