@@ -11,7 +11,9 @@ them) and the same batches in the same order. Two settings:
   model.text_trainable=top:2 model.cached_features=false`` (the towers dominate), B=``--top2-batch``.
 
 Variants alternate step by step in one process, with the order rotated each round, so load noise
-from other jobs hits all alike; ratios are of medians. ``--profile N`` prints where a CUSA step's
+from other jobs hits all alike; ratios are of medians. ``--compare`` adds CUSA as it was
+(teacher rows from disk per batch, unfused KL: ``cusa_disk``) and with the fused KL
+(``cusa_fused``). ``--profile N`` prints where a CUSA step's
 time goes (torch.profiler over N steps) instead. ``--json PATH`` writes the figures
 (``step_ratio_cached``, ``step_ratio_top2``, medians in ms).
 
@@ -37,6 +39,7 @@ import torch
 from itrkit.config import load_config
 from itrkit.data.records import Dataset
 from itrkit.data.synthetic import make_synthetic
+from itrkit.losses import soft_labels
 from itrkit.teachers.store import FeatureStore
 from itrkit.train.config import TrainConfig
 from itrkit.train.tasks import DualEncoderTask
@@ -72,7 +75,7 @@ class Case:
     """One method's task, training module and optimizer; ``step()`` = one trainer step."""
 
     def __init__(self, cusa: bool, data: Path, teachers: list[str], batch: int, live: bool, work: Path,
-                 extra: list[str]) -> None:
+                 extra: list[str], fused: bool | None = None, ram_mb: int | None = None) -> None:
         over = [f"data.path={data}", f"batch_size={batch}", f"cache_dir={work / 'cache'}", "loss.tau=0.05",
                 "model.trunk=none", *extra]
         if live:
@@ -81,7 +84,15 @@ class Case:
             over += ["loss.csa=1", "loss.usa=1", "model.usa_heads=true", "loss.tau_teacher=0.1", *teachers]
         cfg = load_config(TrainConfig, None, overrides=over)
         torch.manual_seed(0)
-        self.task = DualEncoderTask(cfg, Dataset.load(data))
+        soft_labels.FUSED_DEFAULT, was = (soft_labels.FUSED_DEFAULT if fused is None else fused), soft_labels.FUSED_DEFAULT
+        try:
+            self.task = DualEncoderTask(cfg, Dataset.load(data))
+        finally:
+            soft_labels.FUSED_DEFAULT = was
+        if cusa and ram_mb is not None:  # re-attach under another budget (0 = per-batch disk reads)
+            td = self.task.train_data
+            assert td.teacher_image is not None and td.teacher_text is not None
+            td.attach_teachers(td.teacher_image[0], td.teacher_text[0], ram_mb=ram_mb)
         self.task.set_weights(cfg.weights(cfg.stages[0]))
         self.module = TrainModule(self.task, gather=False)
         self.module.train()
@@ -128,9 +139,13 @@ def _report(label: str, times: dict[str, list[float]], cases: dict[str, Case]) -
         q = statistics.quantiles(v, n=10) if len(v) > 2 else [min(v), max(v)]
         print(f"  {label} {k:8s}: median {med[k]:8.2f} ms (p10 {q[0] * 1e3:.2f}, p90 {q[-1] * 1e3:.2f}) "
               f"last losses {cases[k].last}")
-    ratio = med["cusa"] / med["infonce"]
-    print(f"  {label}: CUSA / InfoNCE full step {ratio:.3f}x")
-    return {"ratio": ratio, "infonce_ms": med["infonce"], "cusa_ms": med["cusa"]}
+    out = {"ratio": med["cusa"] / med["infonce"], "infonce_ms": med["infonce"], "cusa_ms": med["cusa"]}
+    for k in med:
+        if k != "infonce":
+            out[f"ratio_{k}"] = med[k] / med["infonce"]
+            out[f"{k}_ms"] = med[k]
+            print(f"  {label}: {k} / infonce full step {med[k] / med['infonce']:.3f}x")
+    return out
 
 
 def _profile(case: Case, steps: int) -> None:
@@ -166,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--top2-steps", type=int, default=0, help="default 20, quick 6")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch default); 1 on a shared machine")
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="profile N CUSA cached steps and exit")
+    ap.add_argument("--compare", action="store_true", help="also time CUSA as before (teacher rows from disk, "
+                    "unfused KL) and with the fused KL")
     ap.add_argument("--set", action="append", default=[], help="extra config override for both methods")
     ap.add_argument("--workdir", default="", help="where the synthetic data, stores and feature cache live "
                     "(default: a temporary folder)")
@@ -180,22 +197,29 @@ def main(argv: list[str] | None = None) -> None:
         work.mkdir(parents=True, exist_ok=True)
         # Enough pairs for a few distinct batches of the train split.
         data, teachers = _prepare(work, max(400, 3 * a.batch))
-        cached = {"infonce": Case(False, data, teachers, a.batch, False, work, a.set),
-                  "cusa": Case(True, data, teachers, a.batch, False, work, a.set)}
+        def cases(batch: int, live: bool) -> dict[str, Case]:
+            c = {"infonce": Case(False, data, teachers, batch, live, work, a.set),
+                 "cusa": Case(True, data, teachers, batch, live, work, a.set)}
+            if a.compare:
+                # The step as it was (teacher rows read from disk per batch, unfused KL) and fused.
+                c["cusa_disk"] = Case(True, data, teachers, batch, live, work, a.set, fused=False, ram_mb=0)
+                c["cusa_fused"] = Case(True, data, teachers, batch, live, work, a.set, fused=True)
+            return c
+
+        cached = cases(a.batch, False)
         if a.profile:
             _profile(cached["cusa"], a.profile)
             return
         print(f"B={a.batch}, {steps} timed steps each (cached), torch threads={torch.get_num_threads()}")
         res: dict[str, Any] = {"batch": a.batch, "steps": steps, "threads": torch.get_num_threads()}
         r = _report("cached", _time({k: c.step for k, c in cached.items()}, steps), cached)
-        res.update(step_ratio_cached=r["ratio"], cached_infonce_ms=r["infonce_ms"], cached_cusa_ms=r["cusa_ms"])
+        res.update(step_ratio_cached=r["ratio"], cached={k: round(v, 4) for k, v in r.items()})
         if a.top2:
-            live = {"infonce": Case(False, data, teachers, a.top2_batch, True, work, a.set),
-                    "cusa": Case(True, data, teachers, a.top2_batch, True, work, a.set)}
+            live = cases(a.top2_batch, True)
             print(f"top:2 live towers, B={a.top2_batch}, {top2_steps} timed steps each")
             r = _report("top2", _time({k: c.step for k, c in live.items()}, top2_steps), live)
             res.update(step_ratio_top2=r["ratio"], top2_batch=a.top2_batch, top2_steps=top2_steps,
-                       top2_infonce_ms=r["infonce_ms"], top2_cusa_ms=r["cusa_ms"])
+                       top2={k: round(v, 4) for k, v in r.items()})
         res["peak_rss_mb"] = round(_peak_rss_mb(), 1)
         print(f"  peak RSS {res['peak_rss_mb']:.0f} MB")
         if a.json:

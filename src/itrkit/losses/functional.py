@@ -138,7 +138,8 @@ def _teacher_sim(t: Tensor, dtype: torch.dtype, center: bool) -> Tensor:
         # soft labels stop being near-uniform (docs/method.md §5.1, F1). Subtracting a row's mean similarity
         # would be a no-op under the row softmax, so the centring is done on the features.
         t = t - t.mean(dim=0, keepdim=True)
-    return _cos(t, t, dtype)
+    n = _norm(t, dtype)  # once: cos(t, t) needs one normalisation, not two (same values)
+    return n @ n.T
 
 
 @torch.no_grad()
@@ -157,8 +158,32 @@ def teacher_probs(
     ``center=True`` subtracts the batch-mean teacher feature (per modality) before the cosine.
     Returned in float32 (float64 if the teacher features are float64).
     """
-    if mode not in TEACHER_MODES:
-        raise ItrkitError(f"teacher mode '{mode}' is unknown (use one of {', '.join(TEACHER_MODES)})")
+    return teacher_probs_modes(t_img, t_txt, tau_teacher, (mode,), center)[mode]
+
+
+@torch.no_grad()
+def teacher_probs_modes(
+    t_img: Tensor, t_txt: Tensor, tau_teacher: float = 1.0, modes: Sequence[str] = ("each",), center: bool = False,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """:func:`teacher_probs` for several ``modes`` of one batch, the teacher cosines computed once
+    (e.g. USA's ``each`` and CSA's ``add``); each entry equals ``teacher_probs(…, mode, …)``."""
+    logits = teacher_logits_modes(t_img, t_txt, tau_teacher, modes, center)
+    out: dict[str, tuple[Tensor, Tensor]] = {}
+    for mode, (z_i, z_t) in logits.items():
+        p_i = F.softmax(z_i, dim=1)
+        out[mode] = (p_i, p_i if z_t is z_i else F.softmax(z_t, dim=1))
+    return out
+
+
+@torch.no_grad()
+def teacher_logits_modes(
+    t_img: Tensor, t_txt: Tensor, tau_teacher: float, modes: Sequence[str], center: bool = False,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """The teacher logits ``(z_I, z_T)`` whose row softmaxes are :func:`teacher_probs_modes`
+    (``z_T is z_I`` for the modes that combine the two teachers); checks as there."""
+    for mode in modes:
+        if mode not in TEACHER_MODES:
+            raise ItrkitError(f"teacher mode '{mode}' is unknown (use one of {', '.join(TEACHER_MODES)})")
     _check_2d("teacher_image", t_img)
     _check_2d("teacher_text", t_txt, t_img.shape[0])
     if not float(tau_teacher) > 0:
@@ -166,15 +191,71 @@ def teacher_probs(
     dt = _compute_dtype(t_img, t_txt)
     t_i = _teacher_sim(t_img, dt, center)
     t_t = _teacher_sim(t_txt, dt, center)
-    if mode == "add":
-        t_i = t_t = 0.5 * (t_i + t_t)
-    elif mode == "dot":
-        t_i = t_t = torch.sqrt(t_i.clamp(min=0) * t_t.clamp(min=0))
-    return F.softmax(t_i / tau_teacher, dim=1), F.softmax(t_t / tau_teacher, dim=1)
+    out: dict[str, tuple[Tensor, Tensor]] = {}
+    for mode in modes:
+        if mode == "each":
+            out[mode] = (t_i / tau_teacher, t_t / tau_teacher)
+            continue
+        both = 0.5 * (t_i + t_t) if mode == "add" else torch.sqrt(t_i.clamp(min=0) * t_t.clamp(min=0))
+        # One matrix serves both directions: the two softmaxes were of the same matrix anyway.
+        z = both / tau_teacher
+        out[mode] = (z, z)
+    return out
+
+
+@torch.no_grad()
+def soft_labels_with_plogp(z: Tensor) -> tuple[Tensor, Tensor]:
+    """``(softmax(z), Σ p log p)`` from teacher logits: ``log p`` is ``log_softmax(z)``, so no
+    ``xlogy`` pass (the slowest op of the loss on CPU); an underflowed ``p = 0`` adds 0 as in xlogy."""
+    p = F.softmax(z, dim=1)
+    return p, (p * F.log_softmax(z, dim=1)).sum()
 
 
 def _tau(tau: float | Tensor, dtype: torch.dtype) -> float | Tensor:
     return tau.to(dtype) if isinstance(tau, Tensor) else tau
+
+
+@torch.no_grad()
+def plogp(p: Tensor) -> Tensor:
+    """``Σ_ij p_ij log p_ij`` (0·log 0 = 0): the label-only part of ``KL(p‖q)``, computed once per
+    soft-label matrix and shared by every term that uses it (CSA and USA share ``p_I``, ``p_T``)."""
+    return torch.xlogy(p, p).sum()
+
+
+class _KLLogits(torch.autograd.Function):
+    """``KL(p‖softmax(s/τ))`` as a row mean in one autograd node.
+
+    Replaces divide → log_softmax → kl_div (three nodes, three B×B temporaries in backward) with
+    the closed-form gradient ``∂/∂z = (softmax(z) − p)/B`` (rows of ``p`` sum to 1), ``∂s = ∂z/τ``,
+    ``∂τ = −Σ ∂z·z/τ``. ``plogp_sum`` = :func:`plogp` of ``p``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, s: Tensor, tau: Tensor, p: Tensor, plogp_sum: Tensor) -> Tensor:  # type: ignore[override]
+        z = s / tau
+        log_q = torch.log_softmax(z, dim=1)
+        rows = s.shape[0]
+        ctx.save_for_backward(z, log_q, p, tau)
+        return (plogp_sum - (p * log_q).sum()) / rows
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        z, log_q, p, tau = ctx.saved_tensors
+        dz = (log_q.exp() - p) * (grad / z.shape[0])
+        ds = dz / tau if ctx.needs_input_grad[0] else None
+        dtau = -(dz * z).sum() / tau if ctx.needs_input_grad[1] else None
+        return ds, dtau, None, None
+
+
+def kl_logits(p: Tensor, s: Tensor, tau: float | Tensor, plogp_sum: Tensor | None = None) -> Tensor:
+    """Fused ``F.kl_div(F.log_softmax(s / tau, 1), p, reduction="batchmean")``: the same value and
+    gradients to float rounding, in one autograd node; ``plogp_sum`` (:func:`plogp` of ``p``)
+    may be passed when ``p`` serves several terms. ``s``, ``p`` float32 or float64."""
+    t = tau.to(s.dtype) if isinstance(tau, Tensor) else torch.tensor(float(tau), dtype=s.dtype, device=s.device)
+    p = p.to(s.dtype)
+    h = plogp(p) if plogp_sum is None else plogp_sum.to(s.dtype)
+    return _KLLogits.apply(s, t, p, h)
 
 
 def _check_pair_and_probs(a_name: str, a: Tensor, b_name: str, b_: Tensor, p_img: Tensor, p_txt: Tensor) -> None:
@@ -187,16 +268,22 @@ def _check_pair_and_probs(a_name: str, a: Tensor, b_name: str, b_: Tensor, p_img
                           f"{tuple(p_img.shape)} and {tuple(p_txt.shape)}")
 
 
-def csa_from_probs(img: Tensor, txt: Tensor, p_img: Tensor, p_txt: Tensor, tau: float | Tensor) -> Tensor:
-    """CSA (CUSA Eq. 6) given teacher soft labels: ``½[KL(p_I‖softmax(S/τ)) + KL(p_T‖softmax(Sᵀ/τ))]``."""
+def csa_from_probs(img: Tensor, txt: Tensor, p_img: Tensor, p_txt: Tensor, tau: float | Tensor, *,
+                   fused: bool = False, plogp_sums: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """CSA (CUSA Eq. 6) given teacher soft labels: ``½[KL(p_I‖softmax(S/τ)) + KL(p_T‖softmax(Sᵀ/τ))]``
+    (``fused``, ``plogp_sums``: see :func:`csa_from_scores`)."""
     _check_pair_and_probs("img", img, "txt", txt, p_img, p_txt)
     dt = _compute_dtype(img, txt)
-    return csa_from_scores(_cos(img, txt, dt), p_img, p_txt, tau)
+    return csa_from_scores(_cos(img, txt, dt), p_img, p_txt, tau, fused=fused, plogp_sums=plogp_sums)
 
 
-def csa_from_scores(scores: Tensor, p_img: Tensor, p_txt: Tensor, tau: float | Tensor) -> Tensor:
+def csa_from_scores(scores: Tensor, p_img: Tensor, p_txt: Tensor, tau: float | Tensor, *, fused: bool = False,
+                    plogp_sums: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """CSA on any B×B image-text similarity matrix (e.g. a fusion matcher's scores, whose pairs
-    are not dot products): ``½[KL(p_I‖softmax(S/τ)) + KL(p_T‖softmax(Sᵀ/τ))]``."""
+    are not dot products): ``½[KL(p_I‖softmax(S/τ)) + KL(p_T‖softmax(Sᵀ/τ))]``.
+
+    ``fused=True``: each KL term is one :func:`kl_logits` node (same value to float rounding);
+    ``plogp_sums`` = (:func:`plogp` of ``p_img``, of ``p_txt``) when already computed."""
     b = scores.shape[0] if scores.ndim == 2 else -1
     if scores.ndim != 2 or scores.shape[1] != b:
         raise ItrkitError(f"scores must be a square B×B matrix, got shape {tuple(scores.shape)}")
@@ -204,18 +291,30 @@ def csa_from_scores(scores: Tensor, p_img: Tensor, p_txt: Tensor, tau: float | T
         raise ItrkitError(f"teacher soft labels must be {b}x{b} to match the batch, got "
                           f"{tuple(p_img.shape)} and {tuple(p_txt.shape)}")
     dt = scores.dtype if scores.dtype == torch.float64 else torch.float32
+    if fused:
+        h_i, h_t = plogp_sums if plogp_sums is not None else (None, None)
+        s = scores.to(dt)
+        return 0.5 * (kl_logits(p_img, s, tau, h_i) + kl_logits(p_txt, s.T, tau, h_t))
     s = scores.to(dt) / _tau(tau, dt)
     return 0.5 * (_kl_rows(p_img.to(dt), s) + _kl_rows(p_txt.to(dt), s.T))
 
 
 def usa_from_probs(
     img_uni: Tensor, txt_uni: Tensor, p_img: Tensor, p_txt: Tensor,
-    tau_img: float | Tensor, tau_txt: float | Tensor,
+    tau_img: float | Tensor, tau_txt: float | Tensor, *, fused: bool = False,
+    plogp_sums: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """USA (CUSA Eqs. 7–8) given teacher soft labels:
-    ``½[KL(p_I‖softmax(cos(u_I,u_I)/τ_I)) + KL(p_T‖softmax(cos(u_T,u_T)/τ_T))]``."""
+    ``½[KL(p_I‖softmax(cos(u_I,u_I)/τ_I)) + KL(p_T‖softmax(cos(u_T,u_T)/τ_T))]``
+    (``fused``, ``plogp_sums``: see :func:`csa_from_scores`)."""
     _check_pair_and_probs("img_uni", img_uni, "txt_uni", txt_uni, p_img, p_txt)
     dt = _compute_dtype(img_uni, txt_uni)
+    if fused:
+        # One normalisation per matrix for cos(u, u): same values, one backward node fewer (the
+        # gradient then sums before the normalisation's backward: equal to float rounding).
+        n_i, n_t = _norm(img_uni, dt), _norm(txt_uni, dt)
+        h_i, h_t = plogp_sums if plogp_sums is not None else (None, None)
+        return 0.5 * (kl_logits(p_img, n_i @ n_i.T, tau_img, h_i) + kl_logits(p_txt, n_t @ n_t.T, tau_txt, h_t))
     s_i = _cos(img_uni, img_uni, dt) / _tau(tau_img, dt)
     s_t = _cos(txt_uni, txt_uni, dt) / _tau(tau_txt, dt)
     return 0.5 * (_kl_rows(p_img.to(dt), s_i) + _kl_rows(p_txt.to(dt), s_t))

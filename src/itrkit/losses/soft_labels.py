@@ -22,9 +22,16 @@ from itrkit.losses.functional import (
     TEACHER_MODES,
     csa_from_probs,
     csa_from_scores,
+    soft_labels_with_plogp,
+    teacher_logits_modes,
     teacher_probs,
+    teacher_probs_modes,
     usa_from_probs,
 )
+
+# Fused by default: equal to the unfused terms to float rounding (tests/losses), and the golden CUSA
+# runs of tests/test_golden.py keep their metrics bit for bit with it; fused=False is the old path.
+FUSED_DEFAULT = True
 
 
 class SoftLabelLoss(nn.Module):
@@ -33,13 +40,17 @@ class SoftLabelLoss(nn.Module):
 
     ``own_tau_c=False``: CSA uses a temperature the caller passes (``tau_c=``), e.g. the base
     InfoNCE's ``tau``; ``tau_c`` then does not exist.
+
+    ``fused`` (default :data:`FUSED_DEFAULT`): each KL term as one autograd node (:func:`~itrkit.losses.functional.kl_logits`) with
+    ``Σ p log p`` shared between CSA and USA; equal to the unfused terms to float rounding.
     """
 
     def __init__(self, alpha: float = 0.1, beta: float = 0.5, tau_c: float = 0.45, tau_img: float = 0.45,
                  tau_txt: float = 0.45, tau_min: float = 0.1, tau_max: float = 1.0, learnable: bool = True,
                  tau_teacher: float = 1.0, teacher_mode: str = "each", center_teacher: bool = False,
-                 own_tau_c: bool = True) -> None:
+                 own_tau_c: bool = True, fused: bool | None = None) -> None:
         super().__init__()
+        self.fused = FUSED_DEFAULT if fused is None else bool(fused)  # read at build time
         if teacher_mode not in TEACHER_MODES:
             raise ConfigError(f"teacher_mode '{teacher_mode}' is unknown (use one of {', '.join(TEACHER_MODES)})")
         if alpha < 0 or beta < 0:
@@ -109,23 +120,37 @@ class SoftLabelLoss(nn.Module):
                     raise ItrkitError(f"beta={self.beta} (USA) needs {name} from the USA heads, got None")
         self.clamp_temperatures_()
         out: dict[str, Tensor] = {}
-        need_each = use_usa or self.teacher_mode == "each"
-        p_each = self.teacher_probs(teacher_image, teacher_text, "each") if need_each else None
+        # The teacher's soft labels once per batch, on the batch's device: one pair of teacher
+        # cosine matrices for every mode the active terms need (USA: each; CSA: teacher_mode).
+        modes = (["each"] if use_usa else []) + ([self.teacher_mode] if use_csa else [])
+        modes = list(dict.fromkeys(modes))
+        ent: dict[str, tuple[Tensor, Tensor]] = {}
+        if self.fused:
+            # Σ p log p of each soft-label matrix once (from the logits), shared by CSA and USA.
+            probs: dict[str, tuple[Tensor, Tensor]] = {}
+            for m, (z_i, z_t) in teacher_logits_modes(teacher_image, teacher_text, self.tau_teacher, modes,
+                                                      self.center_teacher).items():
+                (p_i, h_i) = soft_labels_with_plogp(z_i)
+                (p_t, h_t) = (p_i, h_i) if z_t is z_i else soft_labels_with_plogp(z_t)
+                probs[m], ent[m] = (p_i, p_t), (h_i, h_t)
+        else:
+            probs = teacher_probs_modes(teacher_image, teacher_text, self.tau_teacher, modes, self.center_teacher)
         if use_csa:
-            p_csa = p_each if p_each is not None and self.teacher_mode == "each" else \
-                self.teacher_probs(teacher_image, teacher_text)
+            p_csa = probs[self.teacher_mode]
             tau = self.tau_c if tau_c is None else tau_c
             if tau is None:
                 raise ItrkitError("SoftLabelLoss(own_tau_c=False) needs tau_c= from the caller")
+            kw = {"fused": self.fused, "plogp_sums": ent.get(self.teacher_mode)}
             if scores is not None:
-                out["csa_loss"] = self.alpha * csa_from_scores(scores, *p_csa, tau)
+                out["csa_loss"] = self.alpha * csa_from_scores(scores, *p_csa, tau, **kw)
             else:
                 if image_embeds is None or text_embeds is None:
                     raise ItrkitError("CSA needs scores= or image_embeds= and text_embeds=")
-                out["csa_loss"] = self.alpha * csa_from_probs(image_embeds, text_embeds, *p_csa, tau)
+                out["csa_loss"] = self.alpha * csa_from_probs(image_embeds, text_embeds, *p_csa, tau, **kw)
         if use_usa:
-            assert p_each is not None and image_uni is not None and text_uni is not None
-            out["usa_loss"] = self.beta * usa_from_probs(image_uni, text_uni, *p_each, self.tau_img, self.tau_txt)
+            assert image_uni is not None and text_uni is not None
+            out["usa_loss"] = self.beta * usa_from_probs(image_uni, text_uni, *probs["each"], self.tau_img,
+                                                         self.tau_txt, fused=self.fused, plogp_sums=ent.get("each"))
         return out
 
     def extra_repr(self) -> str:
