@@ -42,10 +42,18 @@ def l2_normalize(x: Any) -> torch.Tensor:
     t = t.to(device="cpu", dtype=torch.float32)
     if t.ndim != 2:
         raise DataError(f"embeddings must be a 2-D (rows × dim) array, got shape {tuple(t.shape)}")
-    if t.numel() and not bool(torch.isfinite(t).all()):
-        row = int((~torch.isfinite(t)).any(1).nonzero()[0])
-        raise DataError(f"embedding row {row} is not finite (NaN or Inf)")
-    return F.normalize(t, dim=1)
+    if not t.numel():
+        return F.normalize(t, dim=1)
+    # The row norms double as the finiteness check (a NaN/Inf entry makes its norm NaN/Inf):
+    # one pass over the embeddings instead of isfinite + all + normalize. A finite norm that
+    # overflowed (entries near 1e19) is told apart by the exact check.
+    norms = torch.linalg.vector_norm(t, dim=1, keepdim=True)
+    if not bool(torch.isfinite(norms).all()):
+        bad = ~torch.isfinite(t).all(1)
+        if bool(bad.any()):
+            raise DataError(f"embedding row {int(bad.nonzero()[0])} is not finite (NaN or Inf)")
+        return F.normalize(t, dim=1)
+    return t / norms.clamp_min(1e-12)  # F.normalize's eps and its x / max(‖x‖, eps)
 
 
 def _check(img: torch.Tensor, txt: torch.Tensor, txt2img: Any) -> torch.Tensor:
@@ -97,6 +105,12 @@ def _row_ranks(scores: torch.Tensor, target: torch.Tensor, buf: torch.Tensor) ->
     true = scores.gather(1, target[:, None])
     higher = _count(torch.gt(scores, true, out=buf), 1)
     equal = _count(torch.ge(scores, true, out=buf), 1) - higher  # ≥ 1: the target itself
+    return _settle_ties(scores, target, true, higher, equal)
+
+
+def _settle_ties(scores: torch.Tensor, target: torch.Tensor, true: torch.Tensor, higher: torch.Tensor,
+                 equal: torch.Tensor) -> torch.Tensor:
+    """Ranks from the counts of higher and equal scores (``equal`` includes the target itself)."""
     tied = (equal > 1).nonzero().squeeze(1)
     if len(tied):  # rare with float scores: count equal scores at lower indices exactly
         cols = torch.arange(scores.shape[1])
@@ -118,6 +132,42 @@ def _best_own(scores: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
 
 def _buffer(rows: int, cols: int) -> torch.Tensor:
     return torch.empty(rows, cols, dtype=torch.float32)
+
+
+# Counting tiles: a 0/1 mask tile of 256 × 4096 float32 (4 MiB) stays in cache between the
+# comparison that writes it and the matrix-vector product that counts it, so each of the four
+# counts per block reads the score block once from memory instead of writing and re-reading a
+# block-sized mask (measured: 36 vs 49 ms per 1024 × 25,000 block on this machine's 2 cores).
+_TILE_ROWS, _TILE_COLS = 256, 4096
+
+
+def _block_counts(sc: torch.Tensor, row_thr: torch.Tensor, col_hi: torch.Tensor, col_lo: torch.Tensor,
+                  tile: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per row: #{> row_thr}, #{≥ row_thr}; per column: #{> col_hi}, #{≥ col_lo} (int64).
+
+    Exact: each tile's float32 0/1 sums stay far below 2**24 and are added up in float64.
+    """
+    b, m = sc.shape
+    tr, tc = tile.shape
+    row_gt = torch.zeros(b, dtype=torch.float64)
+    row_ge = torch.zeros(b, dtype=torch.float64)
+    col_gt = torch.zeros(m, dtype=torch.float64)
+    col_ge = torch.zeros(m, dtype=torch.float64)
+    ones_c = torch.ones(tc, dtype=torch.float32)
+    ones_r = torch.ones(tr, dtype=torch.float32)
+    for r0 in range(0, b, tr):
+        r1 = min(r0 + tr, b)
+        thr = row_thr[r0:r1]
+        for c0 in range(0, m, tc):
+            c1 = min(c0 + tc, m)
+            s = sc[r0:r1, c0:c1]
+            x = tile[:r1 - r0, :c1 - c0]
+            oc, orr = ones_c[:c1 - c0], ones_r[:r1 - r0]
+            row_gt[r0:r1] += torch.mv(torch.gt(s, thr, out=x), oc)
+            row_ge[r0:r1] += torch.mv(torch.ge(s, thr, out=x), oc)
+            col_gt[c0:c1] += torch.mv(torch.gt(s, col_hi[:, c0:c1], out=x).T, orr)
+            col_ge[c0:c1] += torch.mv(torch.ge(s, col_lo[:, c0:c1], out=x).T, orr)
+    return row_gt.long(), row_ge.long(), col_gt.long(), col_ge.long()
 
 
 def ranks(img_emb: Any, txt_emb: Any, txt2img: Any, chunk_size: int = 1024,
@@ -191,16 +241,18 @@ def _ranks_single_pass(img: torch.Tensor, txt: torch.Tensor, t2i: torch.Tensor,
     higher = torch.zeros(m, dtype=torch.long)  # t2i: entries above the band (surely higher)
     band_rows, band_cols, band_vals = [], [], []
     i2t = torch.empty(n, dtype=torch.long)
-    # Reused buffers: fresh 100 MB blocks per chunk would cost page faults on every block.
-    block, buf = _buffer(min(chunk_size, n), m), _buffer(min(chunk_size, n), m)
+    # Reused buffers: a fresh 100 MB block per chunk would cost page faults on every block.
+    block = _buffer(min(chunk_size, n), m)
+    tile = _buffer(min(_TILE_ROWS, chunk_size, n), min(_TILE_COLS, m))
     for s in range(0, n, chunk_size):
         e = min(s + chunk_size, n)
         sc = torch.matmul(img[s:e], txt.T, out=block[:e - s])
-        b = buf[:e - s]
-        i2t[s:e] = _row_ranks(sc, _best_own(sc, caps[s:e]), b)
-        # t2i: count per caption column against the band around its true score
-        above = _count(torch.gt(sc, hi_thr, out=b), 0)
-        in_band = _count(torch.ge(sc, lo_thr, out=b), 0) - above
+        target = _best_own(sc, caps[s:e])
+        true = sc.gather(1, target[:, None])
+        # i2t from the rows' counts; t2i: per caption column, against the band around its true score
+        row_gt, row_ge, above, col_ge = _block_counts(sc, true, hi_thr, lo_thr, tile)
+        i2t[s:e] = _settle_ties(sc, target, true, row_gt, row_ge - row_gt)
+        in_band = col_ge - above
         higher += above
         mine = by_image[first[s]:first[e]]  # captions whose image is in this block
         exact[mine] = sc.view(-1).take((t2i[mine] - s) * m + mine)
