@@ -166,6 +166,11 @@ def test_slicing_cuts_embedding_bag_inputs_at_their_offsets() -> None:
     whole = tower(batch["text_inputs"])
     torch.testing.assert_close(torch.cat([tower(p["text_inputs"]) for p in parts]), whole, rtol=0, atol=0)
     assert [len(p["img_ids"]) for p in parts] == [6, 6, 4]
+    # Tokenizer-style (B, L) inputs and per-row lists are cut by rows; other entries pass through.
+    tok = {"input_ids": torch.arange(B * 3).view(B, 3), "attention_mask": torch.ones(B, 3), "ids": list(range(B))}
+    part = slice_rows({"text_inputs": tok, "note": "x", "scale": torch.tensor(2.0)}, B, 4, 9)
+    assert torch.equal(part["text_inputs"]["input_ids"], tok["input_ids"][4:9])
+    assert part["text_inputs"]["ids"] == [4, 5, 6, 7, 8] and part["note"] == "x" and float(part["scale"]) == 2.0
 
 
 def _worker(r: int, init_file: str, out_dir: str) -> None:
