@@ -223,6 +223,22 @@ def test_training_with_chunk_size_follows_the_unchunked_run(tmp_path: Path, synt
     assert b["best"]["step"] == a["best"]["step"]
 
 
+def test_torchrun_two_ranks_chunked_follow_one_process_unchunked(tmp_path: Path, synth_dir: Path) -> None:
+    """The trainer's DDP path: each rank embeds its half in chunks, the loss spans the gathered
+    global batch, the gradients are averaged as DDP's would be (per-step losses to float32 rounding)."""
+    from .test_ddp import TORCHRUN, _train
+    from .test_ddp import _losses as ddp_losses
+
+    if not Path(TORCHRUN).exists():
+        pytest.skip("torchrun not found")
+    extra = ["stages.0.epochs=1", "model.trunk=mlp", "loss.instance=1"]
+    _train([], tmp_path / "one", synth_dir, extra, 1)
+    _train([], tmp_path / "two", synth_dir, [*extra, "chunk_size=3"], 2)
+    one, two = ddp_losses(tmp_path / "one"), ddp_losses(tmp_path / "two")
+    assert len(one) == len(two) > 5
+    assert two == pytest.approx(one, rel=1e-5)  # measured: 4.5e-7
+
+
 def test_chunk_size_is_refused_where_chunks_would_change_the_loss(tmp_path: Path, synth_dir: Path) -> None:
     with pytest.raises(ConfigError, match="fusion matcher"):
         load_train_config(None, ["model.name=sgr", "chunk_size=4"])
