@@ -336,13 +336,14 @@ class FaissHNSWIndex(_FaissIndex):
 class FaissIVFIndex(_FaissIndex):
     """faiss ``IndexIVFFlat`` (approximate): ``nlist`` k-means cells, ``nprobe`` of them scanned per query.
 
-    The cells are trained on the first :meth:`add` (a seeded sample of at most 256 points per
-    cell); ``nlist=None`` picks about ``4 sqrt(n)`` cells for that first batch.
+    The cells are trained on the first :meth:`add` (a seeded sample of at most 64 points per cell,
+    plenty for k-means and far cheaper at 1M); ``nlist=None`` picks about ``4 sqrt(n)`` cells.
     """
 
     name = "faiss-ivf"
     knob = "nprobe"
-    TRAIN_PER_CELL = 256
+    TRAIN_PER_CELL = 64
+    TRAIN_MAX: int | None = None
 
     def __init__(self, dim: int, nlist: int | None = None, nprobe: int = 1) -> None:
         self.nlist = None if nlist is None else int(nlist)
@@ -368,7 +369,10 @@ class FaissIVFIndex(_FaissIndex):
             nlist = max(1, min(nlist, len(x)))
             index = self._new(nlist)
             rng = np.random.default_rng(0)
-            n_train = min(len(x), self.TRAIN_PER_CELL * nlist)
+            n_train = self.TRAIN_PER_CELL * nlist
+            if self.TRAIN_MAX is not None:  # IVF-PQ: capped, but 39 points per PQ centroid and cell
+                n_train = max(min(n_train, self.TRAIN_MAX), 39 * 256, 39 * nlist)
+            n_train = min(len(x), n_train)
             sample = x if n_train == len(x) else x[np.sort(rng.choice(len(x), n_train, replace=False))]
             index.cp.seed = 1234  # deterministic k-means
             index.train(sample)
@@ -442,6 +446,9 @@ class FaissIVFPQIndex(FaissIVFIndex):
     """
 
     name = "faiss-ivfpq"
+    # PQ codebooks (256 centroids per sub-quantiser) train in time proportional to the sample.
+    TRAIN_PER_CELL = 64
+    TRAIN_MAX = 50_000
 
     def __init__(self, dim: int, nlist: int | None = None, nprobe: int = 1, pq_m: int | None = None,
                  rerank: int = 4) -> None:
