@@ -139,3 +139,25 @@ def test_auto_build_above_the_threshold_stores_calibration_and_search_uses_it(
     manifest["manifest_sha256"] = _manifest_digest(manifest)
     (out / "manifest.json").write_text(json.dumps(manifest))
     assert load_index(out).image_index.search_params() == {"ef_search": 77}
+
+
+def test_cli_defaults_to_auto_and_checks_the_target(tmp_path: Path, colour_dataset, monkeypatch, make_encoder,
+                                                    capsys) -> None:
+    import argparse
+
+    import itrkit.cli.index as cli
+    from itrkit.errors import ConfigError
+
+    monkeypatch.setattr(cli, "load_encoder", lambda run_dir: make_encoder())
+    p = argparse.ArgumentParser(prog="itrkit")
+    cli.add_parsers(p.add_subparsers(dest="cmd", required=True))
+    colour_dataset.save(tmp_path / "data")
+    base = ["index", "build", "--run", str(tmp_path / "run"), "--images", str(tmp_path / "data"), "--quiet"]
+    args = p.parse_args([*base, "--out", str(tmp_path / "ix")])
+    assert args.backend == "auto" and args.target_recall == 0.95
+    assert args.func(args) == 0
+    assert "(exact)" in capsys.readouterr().out  # 8 images, 16 captions: below the threshold
+    bad = p.parse_args([*base, "--out", str(tmp_path / "ix2"), "--target-recall", "1.5"])
+    with pytest.raises(ConfigError, match="--target-recall"):
+        bad.func(bad)
+    assert not (tmp_path / "ix2").exists()
