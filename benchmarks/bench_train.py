@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -53,9 +54,12 @@ def _module(cusa: bool, live: str | None, precision: str = "fp32") -> tuple[Trai
     over = ["loss.csa=1", "loss.usa=1"] if cusa else []
     cfg = load_config(TrainConfig, None, overrides=over + [f"precision={precision}"])
     model = build_model(mc)
-    module = TrainModule(model, Objective(cfg, num_classes=10, embed_dim=mc.embed_dim), gather=False,
-                         precision=precision)
-    module.objective.set_weights(cfg.weights(cfg.stages[0]))
+    objective = Objective(cfg, num_classes=10, embed_dim=mc.embed_dim)
+    objective.set_weights(cfg.weights(cfg.stages[0]))
+    # The loop's module over a minimal task: the dual encoder's forward and its objective.
+    task = SimpleNamespace(model=model, loss=objective, gather=None, after_gather=lambda out: out,
+                           compute=lambda out, batch: objective(out, batch))
+    module = TrainModule(task, gather=False, precision=precision)
     module.train()
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
     return module, opt

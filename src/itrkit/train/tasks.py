@@ -206,7 +206,8 @@ class DualEncoderTask(TrainingTask):
             raise ConfigError("CSA/USA need teacher.image_store and teacher.text_store (run 'itrkit teach')")
         img_store = FeatureStore.open(tc.image_store, expect_kind="image", expect_ids=self.train_data.image_ids)
         txt_store = FeatureStore.open(tc.text_store, expect_kind="text", expect_ids=self.train_data.caption_ids)
-        self.train_data.attach_teachers(img_store, txt_store, shuffle_seed=self.cfg.seed if tc.shuffle else None)
+        self.train_data.attach_teachers(img_store, txt_store, shuffle_seed=self.cfg.seed if tc.shuffle else None,
+                                        ram_mb=tc.ram_mb)
 
     def num_batches(self) -> int:
         return self.train_data.num_batches(self.cfg.batch_size)
