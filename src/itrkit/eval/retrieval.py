@@ -134,11 +134,13 @@ def _buffer(rows: int, cols: int) -> torch.Tensor:
     return torch.empty(rows, cols, dtype=torch.float32)
 
 
-# Counting tiles: a 0/1 mask tile of 256 × 4096 float32 (4 MiB) stays in cache between the
-# comparison that writes it and the matrix-vector product that counts it, so each of the four
-# counts per block reads the score block once from memory instead of writing and re-reading a
-# block-sized mask (measured: 36 vs 49 ms per 1024 × 25,000 block on this machine's 2 cores).
-_TILE_ROWS, _TILE_COLS = 256, 4096
+# Counting tiles. Default: one tile per block (a block-sized 0/1 mask, 4 comparisons + 4
+# matrix-vector products per block). Cache-sized tiles (256 × 4096: the mask stays in L2 between
+# the comparison and its count) were faster on an idle 2-core machine (36 vs 49 ms per
+# 1024 × 25,000 block) but 4-5× slower whenever other processes share the cores: each of the
+# ~280 small multi-threaded ops per block then waits for a descheduled thread (measured 10 s vs
+# 2.2 s for 5K × 25K under load). The tiled path stays, exact and tested, for other machines.
+_TILE_ROWS, _TILE_COLS = 1 << 30, 1 << 30
 
 
 def _block_counts(sc: torch.Tensor, row_thr: torch.Tensor, col_hi: torch.Tensor, col_lo: torch.Tensor,
