@@ -55,7 +55,8 @@ tower = build_tower("tiny-text", "text")
 with every_rank():  # as a task built on every rank (training) caches its features
     feats = features.cached_features(tower, ds.texts, ds.caption_ids, cache_dir=cache, kind="text", batch_size=8)
 save_file({"features": feats}, f"{out}/returned-rank{rank}.safetensors")
-print(json.dumps({"rank": rank, "world": world, "calls": calls}))
+with open(f"{out}/calls-rank{rank}.json", "w") as f:  # one file per rank: stdout lines of ranks interleave
+    json.dump({"rank": rank, "world": world, "calls": calls}, f)
 """
 
 
@@ -67,7 +68,7 @@ def _run(script: Path, data: Path, out: Path, nproc: int) -> list[dict[str, int]
     cmd = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *args] if nproc > 1 else [sys.executable, *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+    ranks = [json.loads(p.read_text()) for p in sorted(out.glob("calls-rank*.json"))]
     assert sorted(r["rank"] for r in ranks) == list(range(nproc)) and {r["world"] for r in ranks} == {nproc}
     return [r["calls"] for r in sorted(ranks, key=lambda r: r["rank"])]
 
