@@ -169,8 +169,8 @@ def find_annotations_dir(image_paths: Sequence[str | Path]) -> Path | None:
     """The folder holding both annotation files near the images, or None.
 
     Looks in the images' folder, its parent and the parent's ``Flickr8k_text/`` (the official
-    release puts ``Flickr8k_text/`` beside ``Flicker8k_Dataset/``; ``../shared/data/flickr8k``
-    keeps the files one level above ``images/``).
+    release puts ``Flickr8k_text/`` beside ``Flicker8k_Dataset/``; a flattened copy may keep the files
+    one level above its ``images/`` folder).
     """
     if not image_paths:
         return None
