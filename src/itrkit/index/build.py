@@ -489,26 +489,26 @@ class IndexReader:
             raise StoreError(f"{path}: no file checksums")
         return manifest
 
-    def _verified_bytes(self, name: str) -> bytes:
-        """The bytes of ``name``, after checking its size and SHA-256 against the manifest."""
+    def _listed(self, name: str) -> tuple[Path, dict]:
+        """``name``'s path and manifest entry; one line if it is not listed or missing."""
         path = self.folder / name
         expected = self.manifest["files"].get(name)
         if expected is None:
             raise StoreError(f"{path}: not listed in {self.folder / 'manifest.json'} (rebuild the index)")
         if not path.is_file():
             raise StoreError(f"index file missing: {path}")
+        return path, expected
+
+    def _verified_bytes(self, name: str) -> bytes:
+        """The bytes of ``name``, after checking its size and SHA-256 against the manifest."""
+        path, expected = self._listed(name)
         data = path.read_bytes()
         self._check_digest(path, len(data), hashlib.sha256(data).hexdigest(), expected)
         return data
 
     def _verify_file(self, name: str) -> Path:
         """Check a large file (embeddings, faiss) by streaming it through SHA-256; return its path."""
-        path = self.folder / name
-        expected = self.manifest["files"].get(name)
-        if expected is None:
-            raise StoreError(f"{path}: not listed in {self.folder / 'manifest.json'} (rebuild the index)")
-        if not path.is_file():
-            raise StoreError(f"index file missing: {path}")
+        path, expected = self._listed(name)
         size = path.stat().st_size
         self._check_digest(path, size, sha256_file(path) if size == expected.get("bytes") else "", expected)
         return path

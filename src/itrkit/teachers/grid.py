@@ -62,13 +62,19 @@ def open_grid_store(path: str | Path, ids: Sequence[str] | None = None, source: 
     store = FeatureStore.open(path, expect_kind="image")
     grid_shape(store)
     if ids is not None:
-        _, found = store._index.find(list(ids))
-        if not found.all():
-            first = list(ids)[int(np.argmin(found))]
-            data = f" of '{source}'" if source else ""
-            raise StoreError(f"grid store {path} (built for '{store.header.get('source')}') has no features for "
-                             f"{int((~found).sum())} of {len(found)} image ids{data} (first missing: '{first}')")
+        require_ids(store, ids, source)
     return store
+
+
+def require_ids(store: FeatureStore, ids: Sequence[str], source: str | None = None) -> None:
+    """One-line StoreError unless the open grid ``store`` has a row for every id in ``ids``
+    (checked on the open store: no second open, no second checksum pass)."""
+    _, found = store._index.find(list(ids))
+    if not found.all():
+        first = list(ids)[int(np.argmin(found))]
+        data = f" of '{source}'" if source else ""
+        raise StoreError(f"grid store {store.path} (built for '{store.header.get('source')}') has no features for "
+                         f"{int((~found).sum())} of {len(found)} image ids{data} (first missing: '{first}')")
 
 
 def read_regions(store: FeatureStore, rows: Any) -> torch.Tensor:

@@ -297,7 +297,7 @@ class FusionTask(TrainingTask):
                  device: torch.device | None = None) -> None:
         from itrkit.eval.fusion import FusionEvaluator, FusionSplit
         from itrkit.models.registry import build_fusion_model
-        from itrkit.teachers.grid import grid_shape, open_grid_store
+        from itrkit.teachers.grid import grid_shape, open_grid_store, require_ids
 
         super().__init__(cfg, dataset, world, device)
         if not cfg.data.grid_store:
@@ -326,7 +326,7 @@ class FusionTask(TrainingTask):
         train_ds = _split(dataset, cfg.data.train_split, cfg.data.limit("train"))
         val_ds = _split(dataset, cfg.data.val_split, cfg.data.limit("val"))
         for ds in (train_ds, val_ds):
-            open_grid_store(cfg.data.grid_store, ds.image_ids, source=ds.name)  # names a missing id
+            require_ids(self.grid, ds.image_ids, source=ds.name)  # names a missing id
         self.train = FusionSplit(train_ds, self.grid, prep)
         self.val = FusionSplit(val_ds, self.grid, prep)
         if len(self.train) < cfg.batch_size:
@@ -470,7 +470,7 @@ class FusionTask(TrainingTask):
     def test(self, run_dir: Path, progress: bool) -> dict[str, Any]:
         from itrkit.eval.fusion import FusionSplit, save_scores, split_metrics
         from itrkit.models.io import load_fusion_model
-        from itrkit.teachers.grid import open_grid_store
+        from itrkit.teachers.grid import require_ids
 
         cfg = self.cfg
         model, _ = load_fusion_model(run_dir)
@@ -482,7 +482,7 @@ class FusionTask(TrainingTask):
         except DataError:
             return {}
         t0 = time.perf_counter()
-        open_grid_store(cfg.data.grid_store, test_ds.image_ids, source=test_ds.name)
+        require_ids(self.grid, test_ds.image_ids, source=test_ds.name)
         test = FusionSplit(test_ds, self.grid, model.prepare_texts)
         metrics, scores = split_metrics(model, test, progress=progress)
         if scores is not None:  # kept for ensembles (SGRAF = mean of SGR's and SAF's scores)
