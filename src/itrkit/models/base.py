@@ -11,6 +11,13 @@ A tower is an ``nn.Module`` with:
 - ``forward(inputs)``: model inputs → ``[B, output_dim]`` float tensor
 - ``set_trainable(mode)``: ``"frozen"``, ``"all"`` or ``"top:N"`` (only the last N blocks)
 - ``fingerprint()``: stable hash of spec + weights, keys the feature cache
+
+Towers that support partial fine-tuning on a cached frozen prefix (``model.X_trainable=top:N``
+with ``model.cached_features=true``) also implement ``prefix_states(inputs, cut)`` (the outputs of
+the first ``cut`` blocks, a dict of batch-first tensors; text towers include ``attention_mask``,
+and every tensor's dim 1 is then the token axis) and ``forward_from(states, cut)`` (the remaining
+blocks → the same pooled feature as ``forward``); ``forward_from(prefix_states(x, c), c) ==
+forward(x)`` is the contract (tests/models/test_prefix.py).
 """
 
 from __future__ import annotations
@@ -40,6 +47,55 @@ class Tower(nn.Module):
     def blocks(self) -> list[nn.Module]:
         """Ordered blocks, last = closest to the output; used by ``set_trainable("top:N")``."""
         return [self]
+
+    # --- partial fine-tuning on a cached prefix --------------------------------------------------
+    def prefix_layers(self) -> int:
+        """How many blocks lie between the first block (embeddings / stem) and the tail: a cached
+        prefix may end after any of them. 0 = the tower cannot run from a cached prefix."""
+        return 0
+
+    def cut_for(self, mode: str) -> int:
+        """The number of leading (frozen, cached) blocks under ``mode`` = ``top:N``: ``len(blocks) − N``,
+        from 1 (only the embeddings / stem cached) to ``1 + prefix_layers()`` (only the tail trains)."""
+        from itrkit.errors import ConfigError
+
+        name = self.spec.get("name", type(self).__name__)
+        if not mode.startswith("top:"):
+            raise ConfigError(f"tower '{name}': a cached prefix needs top:N, not '{mode}'")
+        n = int(mode.split(":", 1)[1])
+        layers = self.prefix_layers()
+        if layers <= 0:
+            raise ConfigError(f"tower '{name}' cannot train on a cached prefix (set model.cached_features=false "
+                              "to train its top blocks live)")
+        total = len(self.blocks())
+        tail = total - 1 - layers
+        cut = total - n
+        if cut < 1:
+            raise ConfigError(f"tower '{name}': top:{n} trains all its {total} blocks, nothing frozen to cache "
+                              f"(use top:1 … top:{total - 1}, or model.cached_features=false)")
+        if cut > 1 + layers:
+            raise ConfigError(f"tower '{name}': top:{n} is inside its {tail}-block tail; a cached prefix needs "
+                              f"top:{tail + 1} or more")
+        return cut
+
+    def prefix_fingerprint(self, cut: int) -> str:
+        """Spec + cut point + a digest of the first ``cut`` blocks' weights and buffers: what the cached
+        prefix states depend on (training the top blocks leaves it unchanged)."""
+        h = 0.0
+        with torch.no_grad():
+            i = 0
+            for block in self.blocks()[:cut]:
+                for v in block.state_dict().values():
+                    i += 1
+                    if v.is_floating_point() and v.numel():
+                        h += float(v.double().sum()) * i + float(v.double().abs().mean())
+        return _fp("prefix", self.spec, self.modality, int(cut), round(h, 6))
+
+    def prefix_states(self, inputs: Any, cut: int) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward_from(self, states: dict[str, torch.Tensor], cut: int) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
 
     def set_trainable(self, mode: str) -> None:
         for p in self.parameters():

@@ -22,7 +22,7 @@ from torch import nn
 
 from itrkit.errors import CheckpointError, ConfigError
 from itrkit.models.base import Tower
-from itrkit.models.hf_text import model_blocks, quiet_transformers, resolve_folder
+from itrkit.models.hf_text import model_blocks, quiet_transformers, resolve_folder, run_from_layer
 from itrkit.models.towers import images_to_tensor
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -141,6 +141,38 @@ class CLIPTower(Tower):
                     nn.ModuleList([v.post_layernorm, self.projection])]
         t = self.text_model
         return [t.embeddings, *t.encoder.layers, nn.ModuleList([t.final_layer_norm, self.projection])]
+
+    def prefix_layers(self) -> int:
+        return len(self._side().encoder.layers)
+
+    def _side(self) -> nn.Module:
+        return self.vision_model if self.modality == "image" else self.text_model
+
+    def prefix_states(self, inputs: Any, cut: int) -> dict[str, torch.Tensor]:
+        """Token states entering encoder layer ``cut − 1`` (after the pre-LayerNorm on the image side)."""
+        dev = self.device
+        if self.modality == "image":
+            out = self.vision_model(pixel_values=inputs.to(dev), interpolate_pos_encoding=self.interpolate,
+                                    output_hidden_states=True)
+            return {"hidden": out.hidden_states[cut - 1]}
+        mask = inputs.get("attention_mask")
+        ids = inputs["input_ids"].to(dev)
+        mask = torch.ones_like(ids) if mask is None else mask.to(dev)
+        out = self.text_model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        return {"hidden": out.hidden_states[cut - 1], "attention_mask": mask, "input_ids": ids}
+
+    def forward_from(self, states: dict[str, torch.Tensor], cut: int) -> torch.Tensor:
+        dev = self.device
+        hidden = states["hidden"].to(dev)
+        side = self._side()
+        if self.modality == "image":
+            v = self.vision_model
+            with run_from_layer(v, [v.embeddings, v.pre_layrnorm], v.encoder.layers, cut - 1, hidden):
+                out = v(pixel_values=hidden)
+        else:
+            with run_from_layer(side, [side.embeddings], side.encoder.layers, cut - 1, hidden):
+                out = side(input_ids=states["input_ids"].to(dev).long(), attention_mask=states["attention_mask"].to(dev))
+        return self.projection(out.pooler_output)
 
 
 class HFVisionTower(Tower):

@@ -56,7 +56,10 @@ class ModelConfig:
     text_tower: str = "minilm"
     image_trainable: str = "frozen"  # frozen | all | top:N
     text_trainable: str = "frozen"
-    cached_features: bool = True  # train on cached tower features (towers must be frozen)
+    # Cache what is frozen: pooled features of frozen towers, the frozen prefix's states of top:N
+    # towers (only their top blocks run per step); false = every tower runs live.
+    cached_features: bool = True
+    prefix_dtype: str = "float16"  # how cached prefix states are stored (float16 | float32)
     embed_dim: int = 256
     trunk: str = "none"  # none | mlp (residual MLP shared by the cross and USA heads)
     trunk_hidden: int = 1024
@@ -74,9 +77,15 @@ class ModelConfig:
             raise ConfigError(f"model.trunk: unknown trunk '{self.trunk}' (use none or mlp)")
         if self.embed_dim <= 0:
             raise ConfigError(f"model.embed_dim must be positive, got {self.embed_dim}")
-        if self.cached_features and (self.image_trainable != "frozen" or self.text_trainable != "frozen"):
-            raise ConfigError("model.cached_features needs frozen towers "
-                              "(set model.cached_features=false to train tower blocks)")
+        for side in ("image", "text"):
+            mode = getattr(self, f"{side}_trainable")
+            if mode not in ("frozen", "all") and not (mode.startswith("top:") and mode[4:].isdigit()):
+                raise ConfigError(f"model.{side}_trainable: unknown mode '{mode}' (use frozen, all or top:N)")
+            if self.cached_features and mode == "all":
+                raise ConfigError(f"model.cached_features with model.{side}_trainable=all: nothing is frozen to "
+                                  "cache (use top:N, or set model.cached_features=false to train the towers live)")
+        if self.prefix_dtype not in ("float16", "float32"):
+            raise ConfigError(f"model.prefix_dtype: unknown dtype '{self.prefix_dtype}' (use float16 or float32)")
         if self.grad_checkpointing and self.image_trainable == "frozen" and self.text_trainable == "frozen":
             raise ConfigError("model.grad_checkpointing needs a trainable tower (model.image_trainable or "
                               "model.text_trainable other than frozen): frozen towers store no activations")
@@ -154,14 +163,44 @@ class DualEncoder(nn.Module):
         return out
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """A batch holds ``image_features`` (cached) or ``image_inputs`` (for the tower); same for text."""
-        img = batch.get("image_features")
-        if img is None and "image_inputs" in batch:
-            img = self.image_tower(batch["image_inputs"])
-        txt = batch.get("text_features")
-        if txt is None and "text_inputs" in batch:
-            txt = self.text_tower(batch["text_inputs"])
-        return self.forward_features(img, txt)
+        """A batch holds ``image_features`` (cached pooled features), ``image_states`` (a cached frozen
+        prefix: the top blocks run) or ``image_inputs`` (the whole tower runs); same for text."""
+        return self.forward_features(self._tower_features(batch, "image"), self._tower_features(batch, "text"))
+
+    def _tower_features(self, batch: dict[str, Any], side: str) -> torch.Tensor | None:
+        tower = self.image_tower if side == "image" else self.text_tower
+        if f"{side}_features" in batch:
+            return batch[f"{side}_features"]
+        if f"{side}_states" in batch:
+            return tower.forward_from(batch[f"{side}_states"], self.prefix_cut(side))
+        if f"{side}_inputs" in batch:
+            return tower(batch[f"{side}_inputs"])
+        return None
+
+    def prefix_cut(self, side: str) -> int | None:
+        """Leading tower blocks served from the prefix cache (``top:N`` + ``cached_features``); None =
+        the tower is frozen (pooled features cached) or runs live."""
+        mode = getattr(self.config, f"{side}_trainable")
+        if not self.config.cached_features or not mode.startswith("top:"):
+            return None
+        tower = self.image_tower if side == "image" else self.text_tower
+        return tower.cut_for(mode)
+
+    @torch.inference_mode()
+    def features_from_prefix(self, side: str, states: Any, batch_size: int = 256) -> torch.Tensor:
+        """Pooled tower features of every row of a prefix cache (``states.batch(idx)``), in eval mode."""
+        tower = self.image_tower if side == "image" else self.text_tower
+        cut = self.prefix_cut(side)
+        assert cut is not None
+        was_training = tower.training
+        tower.eval()
+        try:
+            outs = [tower.forward_from(move_to(states.batch(np.arange(s, min(s + batch_size, len(states)))),
+                                               self.device), cut).float().cpu()
+                    for s in range(0, len(states), batch_size)]
+        finally:
+            tower.train(was_training)
+        return torch.cat(outs) if outs else torch.zeros(0, tower.output_dim)
 
     # --- inference (the Encoder protocol used by eval, index and serve) -------------------
     @property

@@ -77,6 +77,30 @@ class EfficientNetLiteTower(Tower):
         n = self.net
         return [nn.ModuleList([n._conv_stem, n._bn0]), *n._blocks, nn.ModuleList([n._conv_head, n._bn1])]
 
+    def prefix_layers(self) -> int:
+        return len(self.net._blocks)
+
+    def _run_blocks(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        # extract_features' loop, from block ``start``: the same scaled drop-connect rate per block.
+        blocks = self.net._blocks
+        for idx in range(start, end):
+            rate = self.net._global_params.drop_connect_rate
+            if rate:
+                rate *= float(idx) / len(blocks)
+            x = blocks[idx](x, drop_connect_rate=rate)
+        return x
+
+    def prefix_states(self, inputs: torch.Tensor, cut: int) -> dict[str, torch.Tensor]:
+        """The feature map entering MBConv block ``cut − 1`` (0 = the stem's output)."""
+        n = self.net
+        x = n._swish(n._bn0(n._conv_stem(inputs.to(self.device))))
+        return {"maps": self._run_blocks(x, 0, cut - 1)}
+
+    def forward_from(self, states: dict[str, torch.Tensor], cut: int) -> torch.Tensor:
+        n = self.net
+        x = self._run_blocks(states["maps"].to(self.device), cut - 1, len(n._blocks))
+        return n._swish(n._bn1(n._conv_head(x))).mean(dim=(2, 3))
+
     def set_trainable(self, mode: str) -> None:
         super().set_trainable(mode)
         # The ImageNet classifier is not on the feature path: never train it.

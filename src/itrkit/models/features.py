@@ -238,6 +238,13 @@ def _item_signature(item: Any, kind: str) -> Any:
     raise DataError(f"cannot use {type(item).__name__} as an image (give a path or a PIL image)")
 
 
+def data_fingerprint(items: list[Any], item_keys: list[str], kind: str) -> str:
+    """The item keys and each item's content (file digest, pixels or text): keys every cache entry."""
+    if len(item_keys) != len(items):
+        raise DataError(f"{len(item_keys)} item keys for {len(items)} items")
+    return fingerprint(kind, [str(k) for k in item_keys], [_item_signature(x, kind) for x in items])
+
+
 def cache_path(tower: Tower, items: list[Any], item_keys: list[str], cache_dir: str | Path | None = None,
                kind: str | None = None) -> Path:
     """Where :func:`cached_features` keeps the features of ``items`` under ``tower``."""
@@ -246,9 +253,7 @@ def cache_path(tower: Tower, items: list[Any], item_keys: list[str], cache_dir: 
         raise ConfigError(f"unknown feature kind '{kind}' (use image or text)")
     if kind != tower.modality:
         raise ConfigError(f"{kind} features asked from the {tower.modality} tower {tower.spec.get('name')}")
-    if len(item_keys) != len(items):
-        raise DataError(f"{len(item_keys)} item keys for {len(items)} items")
-    data_fp = fingerprint(kind, [str(k) for k in item_keys], [_item_signature(x, kind) for x in items])
+    data_fp = data_fingerprint(items, item_keys, kind)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return root / "features" / f"{tower.fingerprint()}-{data_fp}.safetensors"
 

@@ -112,6 +112,45 @@ def model_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
+class _Inject(nn.Module):
+    """Stands in for a model's embedding module during :func:`run_from_layer`: returns the cached states."""
+
+    def __init__(self, states: torch.Tensor) -> None:
+        super().__init__()
+        self.states = states
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.states
+
+
+def _parent_of(root: nn.Module, target: nn.Module) -> tuple[nn.Module, str]:
+    for module in root.modules():
+        for name, child in module._modules.items():
+            if child is target:
+                return module, name
+    raise ValueError(f"{type(target).__name__} is not a submodule of {type(root).__name__}")
+
+
+@contextlib.contextmanager
+def run_from_layer(root: nn.Module, entry: list[nn.Module], layers: nn.ModuleList, k: int,
+                   states: torch.Tensor) -> Iterator[None]:
+    """Inside the block, ``root``'s own forward starts from ``states`` = the input of layer ``k``:
+    the first ``entry`` module (the embeddings) returns ``states``, the other entry modules (e.g.
+    CLIP's pre-LayerNorm, already applied in the prefix) pass them through, and only
+    ``layers[k:]`` run. The model still builds its own attention masks, relative position biases
+    and pooling, so this works for every architecture whose forward has that shape (BERT,
+    MPNet, CLIP text and vision); each is tested against the live forward."""
+    swaps = [(*_parent_of(root, m), m, _Inject(states) if i == 0 else nn.Identity()) for i, m in enumerate(entry)]
+    swaps.append((*_parent_of(root, layers), layers, nn.ModuleList(list(layers)[k:])))
+    try:
+        for parent, name, _, new in swaps:
+            parent._modules[name] = new
+        yield
+    finally:
+        for parent, name, old, _ in swaps:
+            parent._modules[name] = old
+
+
 def pool(hidden: torch.Tensor, mask: torch.Tensor, modes: tuple[str, ...]) -> torch.Tensor:
     """Token embeddings ``[B, L, H]`` → sentence embeddings, modes concatenated in ST order."""
     m = mask.unsqueeze(-1).to(hidden.dtype)
@@ -273,3 +312,32 @@ class HFTextTower(Tower):
 
     def blocks(self) -> list[nn.Module]:
         return [*model_blocks(self.model), *self.dense]
+
+    def _entry(self) -> nn.Module | None:
+        emb = getattr(self.model, "embeddings", None)
+        return emb if isinstance(emb, nn.Module) else None
+
+    def prefix_layers(self) -> int:
+        layers = layer_list(self.model)
+        return len(layers) if layers is not None and self._entry() is not None else 0
+
+    def prefix_states(self, inputs: dict[str, torch.Tensor], cut: int) -> dict[str, torch.Tensor]:
+        """Token states entering layer ``cut − 1`` (0 = the embeddings' output), with the mask and ids."""
+        dev = self.device
+        inputs = {k: v.to(dev) for k, v in inputs.items()}
+        out = self.model(**inputs, output_hidden_states=True, return_dict=True)
+        return {"hidden": out.hidden_states[cut - 1], "attention_mask": inputs["attention_mask"],
+                "input_ids": inputs["input_ids"]}
+
+    def forward_from(self, states: dict[str, torch.Tensor], cut: int) -> torch.Tensor:
+        dev = self.device
+        mask = states["attention_mask"].to(dev)
+        layers = layer_list(self.model)
+        assert layers is not None and self._entry() is not None
+        with run_from_layer(self.model, [self._entry()], layers, cut - 1, states["hidden"].to(dev)):
+            hidden = self.model(input_ids=states["input_ids"].to(dev).long(), attention_mask=mask,
+                                return_dict=True).last_hidden_state
+        x = pool(hidden, mask, self.pooling)
+        for layer in self.dense:
+            x = layer(x)
+        return F.normalize(x, p=2, dim=1) if self.normalize else x

@@ -1,7 +1,8 @@
 """Training pairs of one split: each caption with its image, served in seeded batch orders.
 
-Two ways to feed the model: *cached* tower features (computed once per model and data
-fingerprint, the CPU path of docs/method.md §5) or *live* inputs prepared for the towers each step.
+Two ways to feed the model: *cached* (computed once per model and data fingerprint, the CPU path
+of docs/method.md §5: pooled features of frozen towers, the frozen prefix's states of ``top:N``
+towers, whose top blocks then run each step) or *live* inputs prepared for the towers each step.
 Teacher features: the split's rows of each store are read once into RAM (float32) when they fit
 the ``teacher.ram_mb`` budget, else looked up on disk per batch (O(batch), constant memory).
 Both give the same float32 values (the same read, check and conversion).
@@ -19,7 +20,7 @@ from itrkit.data.images import ImageCache
 from itrkit.data.records import Dataset
 from itrkit.errors import DataError
 from itrkit.models.dual_encoder import DualEncoder
-from itrkit.models.embed import embed_live, image_keys, split_features  # noqa: E402,F401 (re-exported)
+from itrkit.models.embed import cached_side, embed_live, image_keys, side_features, split_features  # noqa: F401
 from itrkit.train.config import TeacherConfig
 
 
@@ -39,10 +40,13 @@ class PairData:
         self.caption_ids = ds.caption_ids
         self.image_features: torch.Tensor | None = None
         self.text_features: torch.Tensor | None = None
+        # top:N towers: the frozen prefix's states (on disk, read per batch); frozen towers: pooled features.
+        self.image_prefix: Any = None
+        self.text_prefix: Any = None
         if cached:
-            img, txt = split_features(model, ds, cache_dir)
-            self.image_features = torch.from_numpy(img)
-            self.text_features = torch.from_numpy(txt)
+            for side, items in (("image", image_keys(ds)), ("text", ds.texts)):
+                src = cached_side(model, side, items, cache_dir)
+                setattr(self, f"{side}_features" if isinstance(src, torch.Tensor) else f"{side}_prefix", src)
         # (store, store row of each image / caption, in-RAM float32 table of those rows or None)
         self.teacher_image: tuple[Any, np.ndarray, torch.Tensor | None] | None = None
         self.teacher_text: tuple[Any, np.ndarray, torch.Tensor | None] | None = None
@@ -107,9 +111,12 @@ class PairData:
             "caption_index": cap_idx,
         }
         if self.cached:
-            assert self.image_features is not None and self.text_features is not None
-            b["image_features"] = self.image_features[torch.from_numpy(img_idx)]
-            b["text_features"] = self.text_features[torch.from_numpy(cap_idx)]
+            for side, idx in (("image", img_idx), ("text", cap_idx)):
+                feats, prefix = getattr(self, f"{side}_features"), getattr(self, f"{side}_prefix")
+                if prefix is not None:
+                    b[f"{side}_states"] = prefix.batch(idx)
+                else:
+                    b[f"{side}_features"] = feats[torch.from_numpy(idx)]
         else:
             b["image_inputs"] = self.image_inputs(img_idx)
             b["text_inputs"] = self.model.text_tower.prepare([self.texts[i] for i in cap_idx])
@@ -152,7 +159,9 @@ def _teacher_rows(teacher: tuple[Any, np.ndarray, torch.Tensor | None], idx: np.
 def embed_split(model: DualEncoder, data: PairData) -> dict[str, np.ndarray]:
     """L2-normalised embeddings of a split's images and captions (every head)."""
     if data.cached:
-        return model.embed_features(data.image_features, data.text_features)
+        img = side_features(model, data.image_features if data.image_prefix is None else data.image_prefix, "image")
+        txt = side_features(model, data.text_features if data.text_prefix is None else data.text_prefix, "text")
+        return model.embed_features(img, txt)
     return embed_live(model, data.paths, data.texts)
 
 
