@@ -41,7 +41,8 @@ class CUSALoss(SoftLabelLoss):
 
     Temperatures ``tau_c`` (CSA), ``tau_img``, ``tau_txt`` (USA) are learnable 0-dim parameters
     clamped in place into ``[tau_min, tau_max]``; with ``csa_tau_from_base=True`` CSA uses the base
-    loss's ``tau`` instead and ``tau_c`` does not exist. ``tau_teacher`` is fixed. Note the
+    loss's ``tau`` instead and ``tau_c`` does not exist. ``tau_teacher`` is fixed. ``smooth``: CSA on
+    label-smoothed teacher rows (the ``cusa-smooth`` control, :func:`~itrkit.losses.soft_labels.smooth_rows`). Note the
     authors' InfoNCE is divided by B twice, so their α=0.1, β=0.5 act ~B times stronger than here
     (docs/method.md): tune α, β on validation data.
     """
@@ -61,13 +62,14 @@ class CUSALoss(SoftLabelLoss):
         teacher_mode: str = "each",
         center_teacher: bool = False,
         csa_tau_from_base: bool = False,
+        smooth: bool = False,
     ) -> None:
         base = base if base is not None else ContrastiveLoss()
         if csa_tau_from_base and not isinstance(getattr(base, "tau", None), nn.Parameter):
             raise ConfigError("csa_tau_from_base=True needs a base loss with a 'tau' parameter (e.g. ContrastiveLoss)")
         super().__init__(alpha=alpha, beta=beta, tau_c=tau_c, tau_img=tau_img, tau_txt=tau_txt, tau_min=tau_min,
                          tau_max=tau_max, learnable=learnable, tau_teacher=tau_teacher, teacher_mode=teacher_mode,
-                         center_teacher=center_teacher, own_tau_c=not csa_tau_from_base)
+                         center_teacher=center_teacher, own_tau_c=not csa_tau_from_base, smooth=smooth)
         self.base = base
         self.csa_tau_from_base = bool(csa_tau_from_base)
 

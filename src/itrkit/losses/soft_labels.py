@@ -10,10 +10,17 @@
 
 A term whose weight is 0 is skipped and its key omitted. USA always pairs images with the image
 teacher and captions with the text teacher; CSA may combine the two teachers (``teacher_mode``).
+
+``smooth=True`` is the label-smoothing control of issue 16 (``cusa-smooth``): CSA's targets keep
+each teacher row's diagonal mass and spread the rest uniformly over the row's off-diagonal
+entries (:func:`smooth_rows`), so CSA keeps the shape of its soft labels (the diagonal the largest
+entry, FINDINGS F3) and loses what the teacher knows about which other items are alike. USA's
+targets are left as the teacher's.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from itrkit.errors import ConfigError, ItrkitError
@@ -28,6 +35,22 @@ from itrkit.losses.functional import (
     teacher_probs_modes,
     usa_from_probs,
 )
+
+
+@torch.no_grad()
+def smooth_rows(p: Tensor) -> Tensor:
+    """Label-smoothed rows with ``p``'s diagonal: ``q_ii = p_ii``, ``q_ij = (1 - p_ii)/(B - 1)`` for
+    ``j ≠ i`` (rows of ``p`` sum to 1, so rows of ``q`` do). A 1×1 matrix is returned as it is."""
+    b = p.shape[0]
+    if p.ndim != 2 or p.shape[1] != b:
+        raise ItrkitError(f"soft labels must be a square B×B matrix, got shape {tuple(p.shape)}")
+    if b < 2:
+        return p.clone()
+    d = p.diagonal()
+    q = ((1.0 - d) / (b - 1)).unsqueeze(1).expand(b, b).clone()
+    q.diagonal().copy_(d)
+    return q
+
 
 # Fused by default: equal to the unfused terms to float rounding (tests/losses), and the golden CUSA
 # runs of tests/test_golden.py keep their metrics bit for bit with it; fused=False is the old path.
@@ -48,8 +71,9 @@ class SoftLabelLoss(nn.Module):
     def __init__(self, alpha: float = 0.1, beta: float = 0.5, tau_c: float = 0.45, tau_img: float = 0.45,
                  tau_txt: float = 0.45, tau_min: float = 0.1, tau_max: float = 1.0, learnable: bool = True,
                  tau_teacher: float = 1.0, teacher_mode: str = "each", center_teacher: bool = False,
-                 own_tau_c: bool = True, fused: bool | None = None) -> None:
+                 own_tau_c: bool = True, fused: bool | None = None, smooth: bool = False) -> None:
         super().__init__()
+        self.smooth = bool(smooth)  # CSA targets → label-smoothed rows of the teacher's diagonal (control)
         self.fused = FUSED_DEFAULT if fused is None else bool(fused)  # read at build time
         if teacher_mode not in TEACHER_MODES:
             raise ConfigError(f"teacher_mode '{teacher_mode}' is unknown (use one of {', '.join(TEACHER_MODES)})")
@@ -137,10 +161,17 @@ class SoftLabelLoss(nn.Module):
             probs = teacher_probs_modes(teacher_image, teacher_text, self.tau_teacher, modes, self.center_teacher)
         if use_csa:
             p_csa = probs[self.teacher_mode]
+            plogp_csa = ent.get(self.teacher_mode)
+            if self.smooth:
+                # New tensors: USA's "each" rows (possibly the same ones) stay the teacher's. The
+                # teacher features here are the global batch's (gathered under DDP), so is this B×B.
+                p_i, p_t = p_csa
+                q_i = smooth_rows(p_i)
+                p_csa, plogp_csa = (q_i, q_i if p_t is p_i else smooth_rows(p_t)), None
             tau = self.tau_c if tau_c is None else tau_c
             if tau is None:
                 raise ItrkitError("SoftLabelLoss(own_tau_c=False) needs tau_c= from the caller")
-            kw = {"fused": self.fused, "plogp_sums": ent.get(self.teacher_mode)}
+            kw = {"fused": self.fused, "plogp_sums": plogp_csa}
             if scores is not None:
                 out["csa_loss"] = self.alpha * csa_from_scores(scores, *p_csa, tau, **kw)
             else:
@@ -155,4 +186,4 @@ class SoftLabelLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, beta={self.beta}, tau_teacher={self.tau_teacher}, "
-                f"teacher_mode={self.teacher_mode}, center_teacher={self.center_teacher}")
+                f"teacher_mode={self.teacher_mode}, center_teacher={self.center_teacher}, smooth={self.smooth}")
