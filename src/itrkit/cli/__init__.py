@@ -186,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     te = sub.add_parser("teach", help="extract teacher features into stores (CUSA)")
     te.add_argument("--data")
     te.add_argument("--out")
-    te.add_argument("--image-teacher", default="efficientnet-lite2")
+    te.add_argument("--image-teacher", default="efficientnet-lite2",
+                    help="a tower spec, or caption-centroid: each image's row is the normalised mean of the text "
+                         "teacher's rows of its own captions in --data (no image model)")
     te.add_argument("--text-teacher", default="mpnet")
     te.add_argument("--image-reduction", default=None,
                     help="shrink image-teacher rows before storing, e.g. mean+pca:256 or grid:2 (itrkit.teachers.reduce)")

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from itrkit.errors import ConfigError, ItrkitError, StoreError
+from itrkit.errors import ConfigError, DataError, ItrkitError, StoreError
 from itrkit.teachers.reduce import PCA, Reducer, parse_reduction
 from itrkit.teachers.store import KINDS, FeatureStore, data_fingerprint, resume_info
 from itrkit.utils.device import (
@@ -390,6 +390,74 @@ def _lazy_tower(teacher: str, kind: str) -> Callable[[], Any]:
     return get
 
 
+CAPTION_CENTROID = "caption-centroid"
+
+
+def centroid_teacher_name(text_teacher: str) -> str:
+    """The teacher name a caption-centroid image store records: ``caption-centroid(<text teacher>)``."""
+    return f"{CAPTION_CENTROID}({text_teacher})"
+
+
+def _store_digest(store: FeatureStore) -> str:
+    """What identifies a store's rows: its payload checksums as the header records them."""
+    sums = store.header.get("checksums") or store.header.get("sha256") or ""
+    return fingerprint(json.dumps(sums, sort_keys=True), store.header.get("ids_fingerprint"))
+
+
+def caption_centroid_store(dataset: Any, text_store: FeatureStore | str | os.PathLike, out_path: str | os.PathLike,
+                           *, overwrite: bool = False, chunk_images: int = 4096) -> FeatureStore:
+    """An image teacher derived from the text teacher (issue 16): image ``n``'s row is the
+    L2-normalised mean of the text store's rows of ``n``'s own captions in ``dataset``.
+
+    ``dataset`` is the split the store serves (the training split in ``itrkit reproduce``), so only
+    its captions enter a centroid. The text rows are read from ``text_store`` (no re-encoding) and
+    the result is an ordinary image store keyed by image id (the training code reads it as any
+    other), recording the teacher ``caption-centroid(<text teacher>)`` and the text store it came
+    from. An existing store made from the same text store rows is reused.
+    """
+    text = text_store if isinstance(text_store, FeatureStore) else FeatureStore.open(text_store, expect_kind="text")
+    if text.kind != "text":
+        raise ConfigError(f"{text.path}: a caption centroid needs a text store, this one holds {text.kind} features")
+    out_path = Path(out_path)
+    ids = [str(i) for i in dataset.image_ids]
+    name = centroid_teacher_name(text.teacher)
+    source = {"text_store": str(text.path), "text_teacher": text.teacher, "text_rows": _store_digest(text)}
+    if out_path.exists() and not overwrite:
+        old = FeatureStore.open(out_path)
+        if old.teacher != name or old.header.get("centroid_of", {}).get("text_rows") != source["text_rows"]:
+            raise StoreError(f"{out_path} already holds features of teacher '{old.teacher}' made from other text "
+                             f"rows than {text.path}; delete it or pass overwrite")
+        old.check_ids(ids)
+        print(f"reusing {out_path} ({old.teacher}, {old.count}×{old.dim})", file=sys.stderr)
+        return old
+    caps_per = [len(r.captions) for r in dataset.records]
+    if not ids:
+        raise ConfigError(f"no images to build a caption-centroid store {out_path} from")
+    if min(caps_per) == 0:
+        raise DataError(f"image '{ids[caps_per.index(0)]}' has no captions: its caption centroid is undefined")
+    rows = text.index_for(dataset.caption_ids)  # every caption must have a text row (one-line error naming it)
+    t0 = time.perf_counter()
+    writer = FeatureStore.create(out_path, ids, text.dim, {"name": name, "derived": "caption-centroid"}, "image",
+                                 source=getattr(dataset, "name", None), dtype=text.dtype, overwrite=overwrite,
+                                 extra={"centroid_of": source})
+    try:
+        starts = np.concatenate([[0], np.cumsum(caps_per)])
+        for a in range(0, len(ids), chunk_images):
+            b = min(len(ids), a + chunk_images)
+            feats = text.rows(rows[starts[a]:starts[b]]).double()  # float64 sums: the mean to rounding
+            group = torch.from_numpy(np.repeat(np.arange(b - a), caps_per[a:b]))
+            sums = torch.zeros(b - a, text.dim, dtype=torch.float64).index_add_(0, group, feats)
+            means = sums / torch.tensor(caps_per[a:b], dtype=torch.float64)[:, None]
+            writer.write(a, torch.nn.functional.normalize(means, dim=1).float().numpy())
+        store = writer.close_extraction(time.perf_counter() - t0, chunk_images)
+    except BaseException as e:
+        writer.abort(e)
+        raise
+    print(f"image teacher {name}: {store.count}×{store.dim} centroids of {len(rows)} caption rows → {out_path}",
+          file=sys.stderr)
+    return store
+
+
 def teach(dataset: Any, image_teacher: str | None, text_teacher: str | None, out_dir: str | os.PathLike,
           reduction: Any = None, *, batch_size: int = 64, overwrite: bool = False,
           pca_sample: int = 2048, device: str | torch.device = "auto") -> dict[str, Path]:
@@ -403,6 +471,10 @@ def teach(dataset: Any, image_teacher: str | None, text_teacher: str | None, out
     its checksums, the teacher's weights fingerprint and, for the same ids, its data fingerprint
     are checked). A run killed part-way continues from its finished shards when called again.
 
+    ``image_teacher="caption-centroid"``: the image store holds, per image, the normalised mean of
+    the text teacher's rows of its own captions in ``dataset`` (:func:`caption_centroid_store`;
+    needs a text teacher, takes no image reduction).
+
     The teachers run on ``device``. Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank joins the
     process group (NCCL on ``cuda:LOCAL_RANK``, gloo on the CPU), encodes its share of the batches,
     and rank 0 writes each store: the same rows and ids as one process writes.
@@ -413,6 +485,13 @@ def teach(dataset: Any, image_teacher: str | None, text_teacher: str | None, out
     unknown = set(per_kind) - set(KINDS)
     if unknown:
         raise ConfigError(f"reduction keys must be 'image' and/or 'text', not {sorted(unknown)}")
+    centroid = image_teacher == CAPTION_CENTROID
+    if centroid and text_teacher is None:
+        raise ConfigError("--image-teacher caption-centroid needs a text teacher (an image's row is the mean of "
+                          "the text teacher's rows of its captions)")
+    if centroid and per_kind.get("image"):
+        raise ConfigError(f"--image-teacher caption-centroid takes no image reduction (got {per_kind['image']!r}); "
+                          "reduce the text teacher instead")
     out_dir = Path(out_dir)
     device = resolve_device(device)  # before anything is written
     init_distributed(device)
@@ -420,7 +499,7 @@ def teach(dataset: Any, image_teacher: str | None, text_teacher: str | None, out
             ("text", text_teacher, dataset.caption_ids, dataset.texts)]
     paths: dict[str, Path] = {}
     for kind, teacher, ids, items in jobs:
-        if teacher is None:
+        if teacher is None or (kind == "image" and centroid):
             continue
         path = out_dir / f"{kind}.store"
         steps = parse_reduction(per_kind.get(kind))
@@ -431,4 +510,11 @@ def teach(dataset: Any, image_teacher: str | None, text_teacher: str | None, out
                                 reduction=steps or None, overwrite=overwrite, source=getattr(dataset, "name", None),
                                 pca_sample=pca_sample, device=device)
         paths[kind] = path
+    if centroid:
+        path = out_dir / "image.store"
+        with every_rank():  # rank 0 writes (reading rows is cheap); the others wait for the store
+            if work_ranks()[0] == 0:
+                caption_centroid_store(dataset, paths["text"], path, overwrite=overwrite)
+            barrier()
+        paths = {"image": path, **paths}
     return paths
