@@ -22,7 +22,7 @@ def _cmd(a: argparse.Namespace) -> int:
         fixed[name.strip()] = int(idx)
     rep = Reproduction(Path(a.data), Path(a.out), methods, a.seeds, a.epochs, a.cache, a.image_teacher,
                        a.text_teacher, a.max_train_images, tune=not a.no_tune, fixed=fixed,
-                       fusion_epochs=a.fusion_epochs, device=a.device)
+                       fusion_epochs=a.fusion_epochs, device=a.device, finetune=a.finetune, overrides=a.set)
     rep.run()
     print(f"results: {a.out}/results.json, results.md, results.png")
     return 0
@@ -40,7 +40,16 @@ def add_parsers(sub: Any) -> None:
     r.add_argument("--seeds", type=int, default=3)
     r.add_argument("--epochs", type=int, default=10)
     r.add_argument("--cache", default=None, help="tower-feature cache folder")
-    r.add_argument("--image-teacher", default="efficientnet-lite2")
+    r.add_argument("--finetune", default=None, metavar="SPEC",
+                   help="partial fine-tuning of the tuned runs over cached frozen prefixes: top:N (both towers) or "
+                        "image=top:N,text=top:M (either may be frozen); two-stage methods (icone) keep the towers "
+                        "frozen in stage I. Default: heads on frozen tower features")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every tuned run, after the method's own (repeatable), "
+                        "e.g. loss.center_teacher=true")
+    r.add_argument("--image-teacher", default="efficientnet-lite2",
+                   help="a tower spec, or caption-centroid (each image's row = the mean text-teacher row of its "
+                        "own training captions)")
     r.add_argument("--text-teacher", default="mpnet")
     r.add_argument("--max-train-images", type=int, default=0, help="use only the first N training images")
     r.add_argument("--no-tune", action="store_true", help="take each method's first grid point (quick look)")

@@ -5,10 +5,18 @@ epoch inside a run and the hyper-parameters across runs), report on the 1,000 te
 Frozen EfficientNet-Lite0 + all-MiniLM-L6-v2 features are cached once and shared by every run;
 teachers (EfficientNet-Lite2 + all-mpnet-base-v2 by default) are extracted once into stores.
 Methods come from :data:`itrkit.experiments.methods.METHODS` (tuned, recipe, ensemble).
+
+Regime of the tuned runs (issue 16): ``finetune`` (``top:N`` or ``image=top:N,text=top:M``) trains
+the top blocks of the towers over cached frozen prefixes (:func:`~itrkit.experiments.methods.finetune_overrides`);
+``overrides`` (``--set``) apply to every tuned run after the method's own. Both are recorded with
+each tuned method's results and in ``out/study.json`` (a later call into the same ``out`` must
+match, so no finished run of another regime is reused). Every dual-encoder seed run also gets the
+Flickr8k human-judgment metrics (SPEC §4) when the annotation files are beside the test images.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -17,16 +25,26 @@ from typing import Any
 import numpy as np
 
 from itrkit.errors import ConfigError
-from itrkit.experiments.methods import BASE, FUSION_METHODS, METHODS, Method, epochs_overrides
+from itrkit.experiments.methods import (
+    BASE,
+    FUSION_METHODS,
+    METHODS,
+    Method,
+    epochs_overrides,
+    finetune_overrides,
+    parse_finetune,
+)
 from itrkit.experiments.runner import Runner
 from itrkit.train.config import TrainConfig, load_train_config
+from itrkit.utils.io import atomic_write_json
 
 
 class Reproduction:
     def __init__(self, data: Path, out: Path, methods: list[str], seeds: int, epochs: int, cache: str | None,
                  image_teacher: str, text_teacher: str, max_train_images: int = 0, tune: bool = True,
                  fixed: dict[str, int] | None = None, fusion_epochs: int | None = None,
-                 fusion_overrides: list[str] | None = None, device: str = "auto") -> None:
+                 fusion_overrides: list[str] | None = None, device: str = "auto",
+                 finetune: str | dict[str, str] | None = None, overrides: list[str] | None = None) -> None:
         unknown = [m for m in [*methods, *(fixed or {})] if m not in METHODS]
         if unknown or any(METHODS[m].kind != "tuned" for m in fixed or {}):
             raise ConfigError(f"unknown method(s) {unknown or list(fixed or {})} (known: "
@@ -42,6 +60,14 @@ class Reproduction:
             if not 0 <= gi < len(METHODS[name].grid):
                 raise ConfigError(f"--choice {name}={gi}: {name} has grid points 0..{len(METHODS[name].grid) - 1}")
         self.fixed = dict(fixed or {})  # method → grid index chosen earlier on dev (no tuning again)
+        self.finetune = (parse_finetune(finetune) if isinstance(finetune, str) else dict(finetune)) if finetune \
+            else None
+        if self.finetune and all(m == "frozen" for m in self.finetune.values()):
+            self.finetune = None  # both frozen: the default regime
+        self.overrides = list(overrides or [])  # --set items for every tuned run, after the method's own
+        for name in methods:  # every tuned method's config is checked (keys, values) before anything runs
+            if METHODS[name].kind == "tuned":
+                load_train_config(None, [*BASE, *finetune_overrides(METHODS[name], self.finetune), *self.overrides])
         self.runner = Runner(out, device=device)
         self.out = Path(out)
         self.methods = methods
@@ -72,8 +98,28 @@ class Reproduction:
             ov += self._teachers()
         if method.inherits:
             ov += self.choices.get(method.inherits, [])
-        ov += method.overrides + extra + method.after
+        ov += method.overrides + extra + method.after + finetune_overrides(method, self.finetune) + self.overrides
         return load_train_config(None, ov)
+
+    def _check_study(self) -> None:
+        """``out/study.json`` records the tuned runs' regime; another regime in the same ``out``
+        would reuse finished runs of the first, so it is refused (an ``out`` from before this file
+        existed counts as the frozen regime)."""
+        path = self.out / "study.json"
+        now = {"finetune": self.finetune, "overrides": self.overrides}
+        tuned_dirs = [self.out / d / n for d in ("runs", "tune") for n, m in METHODS.items() if m.kind == "tuned"]
+        if path.is_file():
+            old = json.loads(path.read_text())
+        elif any(d.exists() for d in tuned_dirs):
+            old = {"finetune": None, "overrides": []}
+        else:
+            old = now
+        if old != now:
+            raise ConfigError(f"{self.out} holds runs of another regime (--finetune {old.get('finetune')}, --set "
+                              f"{old.get('overrides')}); use another --out for --finetune {self.finetune}, "
+                              f"--set {self.overrides}")
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, now)
 
     def tune_method(self, method: Method) -> list[str]:
         if method.copy_choice_of:
@@ -90,6 +136,8 @@ class Reproduction:
         return method.grid[int(np.argmax(scores))]
 
     def run(self) -> dict[str, Any]:
+        if self.methods:
+            self._check_study()
         order = sorted(self.methods, key=lambda m: (METHODS[m].inherits != "", METHODS[m].copy_choice_of != ""))
         for dep in {METHODS[m].inherits for m in order} | {METHODS[m].copy_choice_of for m in order}:
             if dep and dep not in order:
@@ -104,11 +152,16 @@ class Reproduction:
                 continue
             runs = []
             for s in range(self.seeds):
-                m = self.runner.run(self.config(method, self.choices[name], s, self.out / "runs" / name / f"seed{s}"))
-                runs.append({"seed": s, **m["test"], "val_rsum": m["val"]["rsum"], "best_epoch": m["best"]["epoch"]})
-                print(f"  {name} seed {s}: test rsum {m['test']['rsum']:.2f}", file=sys.stderr)
+                cfg = self.config(method, self.choices[name], s, self.out / "runs" / name / f"seed{s}")
+                m = self.runner.run(cfg)
+                human = self.runner.human(cfg)  # test-only: never part of any selection
+                runs.append({"seed": s, **m["test"], **human, "val_rsum": m["val"]["rsum"],
+                             "best_epoch": m["best"]["epoch"]})
+                extra = f", human t2i mAP@R {human['f8k_human_t2i_map@r']:.2f}" if human else ""
+                print(f"  {name} seed {s}: test rsum {m['test']['rsum']:.2f}{extra}", file=sys.stderr)
             chosen = (self.choices.get(method.inherits, []) if method.inherits else []) + self.choices[name] + method.after
-            results[name] = Runner.aggregate(runs, chosen)
+            results[name] = {**Runner.aggregate(runs, chosen), "finetune": self.finetune,
+                             "overrides": list(self.overrides)}
             self.timings[name] = round(time.time() - t0, 1)
         for name in self.fusion:
             t0 = time.time()

@@ -8,14 +8,22 @@ Kinds:
 - ``ensemble``: the mean of the score matrices of other methods' same-seed runs.
 
 Fairness rules built in: seeds are paired (run ``s`` of every method starts from the same
-initialisation and sees the same batch order); a control (``cusa-shuffled``) keeps CUSA's chosen
-settings but permutes the teacher rows among training items, so the soft labels keep their shape
-and lose the teacher's knowledge.
+initialisation and sees the same batch order); the controls keep CUSA's chosen settings and take
+the teacher's knowledge away two ways: ``cusa-shuffled`` permutes the teacher rows among training
+items (the soft labels keep their shape), ``cusa-smooth`` gives CSA label-smoothed rows with the
+teacher's diagonal mass (FINDINGS F3: the diagonal staying the largest entry may be all CSA uses).
+
+Regimes (issue 16): heads on frozen tower features (the default), or partial fine-tuning
+(:func:`finetune_overrides`: the top N blocks of each tower train over cached frozen prefixes;
+two-stage methods keep the towers frozen in stage I and train them in stage II, IConE's recipe).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+
+from itrkit.errors import ConfigError
 
 # Architecture shared by every method: a trainable residual trunk per modality feeds both the
 # cross head and the USA head (docs/method.md §5.1, F1: otherwise USA cannot touch retrieval).
@@ -53,10 +61,15 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            teachers=True, description="ablation: CUSA's setting, CSA off (InfoNCE + β·USA)"),
     Method("cusa", ["loss.contrastive=1"], [
         ["loss.csa=1", "loss.usa=1", "loss.tau_teacher=0.1"], ["loss.csa=3", "loss.usa=3", "loss.tau_teacher=0.1"],
-        ["loss.csa=1", "loss.usa=3", "loss.tau_teacher=0.05"], ["loss.csa=3", "loss.usa=1", "loss.tau_teacher=0.05"],
+        ["loss.csa=1", "loss.usa=3", "loss.tau_teacher=0.05"],
+        # the paper's own point (CUSA §4.1: α=0.1, β=0.5, teacher T=1, learnable τ), issue 16
+        ["loss.csa=0.1", "loss.usa=0.5", "loss.tau_teacher=1.0", "loss.tau_learnable=true"],
     ], inherits="infonce", teachers=True, description="InfoNCE + α·CSA + β·USA"),
     Method("cusa-shuffled", ["loss.contrastive=1", "teacher.shuffle=true"], copy_choice_of="cusa", inherits="infonce",
            teachers=True, description="control: CUSA with teacher rows permuted"),
+    Method("cusa-smooth", ["loss.contrastive=1", "teacher.smooth=true"], copy_choice_of="cusa", inherits="infonce",
+           teachers=True, description="control: CUSA with CSA's soft labels label-smoothed (teacher's diagonal, "
+                                      "the rest uniform)"),
     Method("vse++", ["loss.contrastive=0", "loss.triplet=1"], [
         ["loss.margin=0.2"], ["loss.margin=0.1"], ["loss.margin=0.2", "stages.0.lr=0.0003"], ["loss.margin=0.05"],
     ], description="VSE++ hardest-negative triplet"),
@@ -91,8 +104,48 @@ FUSION_METHODS = tuple(n for n, m in METHODS.items() if m.kind != "tuned")
 
 def epochs_overrides(method: Method, epochs: int) -> list[str]:
     """``epochs`` split over a two-stage method's stages (half each), else the one stage's."""
-    if any(o.startswith("stages.1.") for o in method.overrides):
+    if two_stage(method):
         return [f"stages.0.epochs={max(1, epochs // 2)}", f"stages.1.epochs={max(1, epochs - epochs // 2)}"]
     return [f"stages.0.epochs={epochs}"]
 
 
+
+
+FINETUNE_MODE = re.compile(r"^(frozen|top:[1-9][0-9]*)$")
+
+
+def parse_finetune(spec: str) -> dict[str, str]:
+    """``--finetune`` → ``{"image": mode, "text": mode}``: ``top:N`` for both towers, or
+    ``image=top:N,text=top:M`` (a side left out, or ``frozen``, stays frozen)."""
+    bad = ConfigError(f"--finetune '{spec}': use top:N (both towers) or image=MODE,text=MODE with MODE frozen or "
+                      "top:N (N >= 1)")
+    spec = spec.strip()
+    if FINETUNE_MODE.match(spec):
+        return {"image": spec, "text": spec}
+    out = {"image": "frozen", "text": "frozen"}
+    seen: set[str] = set()
+    for part in spec.split(","):
+        side, sep, mode = (x.strip() for x in part.partition("="))
+        if not sep or side not in out or side in seen or not FINETUNE_MODE.match(mode):
+            raise bad
+        seen.add(side)
+        out[side] = mode
+    return out
+
+
+def two_stage(method: Method) -> bool:
+    return any(o.startswith("stages.1.") for o in method.overrides)
+
+
+def finetune_overrides(method: Method, finetune: dict[str, str] | None) -> list[str]:
+    """The config overrides of partial fine-tuning for ``method`` (empty without ``finetune``).
+
+    Both towers' ``model.*_trainable`` (with the cached frozen prefixes of ``BASE``'s
+    ``model.cached_features=true``); a two-stage method (IConE) also freezes the towers in stage I
+    (``stages.0.freeze=[towers]``), so only its stage II fine-tunes them: the paper's recipe."""
+    if not finetune:
+        return []
+    over = [f"model.image_trainable={finetune['image']}", f"model.text_trainable={finetune['text']}"]
+    if two_stage(method) and any(m != "frozen" for m in finetune.values()):
+        over.append("stages.0.freeze=[towers]")
+    return over

@@ -7,7 +7,8 @@ Layout under ``out``::
     teachers/{image,text}.store   CUSA teachers on the training split (extracted once)
     grid.store/              region features for the fusion matchers (train/val/test, once)
     tune/<method>/g<k>/      dev runs of a tuned method's grid point k (seed 0)
-    runs/<method>/seed<s>/   the reported runs; ``metrics.json`` present = finished (reused)
+    runs/<method>/seed<s>/   the reported runs; ``metrics.json`` present = finished (reused);
+                             ``human.json``: its Flickr8k human-judgment metrics (SPEC §4, test only)
     results.{json,md,png}, timings.json
 """
 
@@ -22,8 +23,15 @@ from typing import Any
 import numpy as np
 
 from itrkit.data.records import Dataset
+from itrkit.errors import ConfigError, DataError
 from itrkit.train.config import TrainConfig
 from itrkit.utils.io import atomic_path, atomic_write_json, atomic_write_text
+
+# The Flickr8k human-judgment metrics merged into every dual-encoder run's test entry (SPEC §4).
+HUMAN_KEYS = ("f8k_expert_tau_c", "f8k_cf_tau_b", "f8k_human_i2t_map@r", "f8k_human_t2i_map@r",
+              "f8k_human_i2t_rp", "f8k_human_t2i_rp")
+# results.md columns beside RSUM: (key, header), shown when every run of some method has the key
+TABLE_EXTRA = (("f8k_human_t2i_map@r", "human t2i mAP@R"), ("f8k_expert_tau_c", "expert τc"))
 
 
 class Runner:
@@ -35,6 +43,9 @@ class Runner:
         self.progress = progress
         self.device = device  # every run's and the teachers' device (auto: CUDA, else MPS, else CPU)
         self.timings: dict[str, float] = {}
+        self._teacher_ov: dict[tuple[str, str, int], list[str]] = {}
+        self._test_sets: dict[tuple[str, str, int], Dataset] = {}
+        self._human_noted = False
 
     # --- inputs, once ---------------------------------------------------------------------------
     def prepare(self, data: Path, fmt: str = "flickr8k") -> Path:
@@ -51,16 +62,33 @@ class Runner:
         return target
 
     def teachers(self, dataset_dir: Path, image_teacher: str, text_teacher: str, max_train: int = 0) -> list[str]:
-        """``out/teachers`` stores of the training split (extracted once), as config overrides."""
-        from itrkit.teachers.extract import teach
+        """``out/teachers`` stores of the training split (extracted once), as config overrides.
 
+        ``image_teacher="caption-centroid"``: the image rows are the means of the text teacher's
+        rows of each image's training captions. Stores of other teachers there are refused."""
+        from itrkit.teachers.extract import CAPTION_CENTROID, centroid_teacher_name, teach
+        from itrkit.teachers.store import FeatureStore
+
+        key = (image_teacher, text_teacher, max_train)
+        if key in self._teacher_ov:
+            return self._teacher_ov[key]
         tdir = self.out / "teachers"
-        if not ((tdir / "image.store").exists() and (tdir / "text.store").exists()):
+        want = {"image": centroid_teacher_name(text_teacher) if image_teacher == CAPTION_CENTROID else image_teacher,
+                "text": text_teacher}
+        if (tdir / "image.store").exists() and (tdir / "text.store").exists():
+            for kind, name in want.items():
+                have = FeatureStore.open(tdir / f"{kind}.store", verify=False).teacher
+                if have != name:
+                    raise ConfigError(f"{tdir / f'{kind}.store'} holds the {kind} teacher '{have}', not '{name}': "
+                                      "use another --out (or delete that store)")
+        else:
             t0 = time.time()
             ds = Dataset.load(dataset_dir).split("train").subset(max_train or None)
             teach(ds, image_teacher, text_teacher, tdir, device=self.device)
             self.timings["teachers_s"] = round(time.time() - t0, 1)
-        return [f"teacher.image_store={tdir / 'image.store'}", f"teacher.text_store={tdir / 'text.store'}"]
+        self._teacher_ov[key] = [f"teacher.image_store={tdir / 'image.store'}",
+                                 f"teacher.text_store={tdir / 'text.store'}"]
+        return self._teacher_ov[key]
 
     def grid(self, dataset_dir: Path) -> Path:
         """``out/grid.store`` over the train, val and test images (built once, then reused)."""
@@ -82,6 +110,46 @@ class Runner:
             return json.loads((run_dir / "metrics.json").read_text())
         return train(cfg, resume=(run_dir / "config.yaml").is_file(), progress=self.progress)
 
+    def human(self, cfg: TrainConfig) -> dict[str, float]:
+        """The Flickr8k human-judgment metrics (:data:`HUMAN_KEYS`) of a finished dual-encoder run,
+        from its saved test embeddings; cached in the run folder as ``human.json``.
+
+        Empty (with one notice line on stderr per runner) when the annotation files are not beside
+        the test images, or when the run saved no test embeddings (fusion matchers save scores)."""
+        from itrkit.eval.flickr8k_human import CROWDFLOWER_FILE, EXPERT_FILE, find_annotations_dir
+        from itrkit.eval.protocols import flickr8k_human_metrics
+
+        run_dir = Path(cfg.out)
+        cached = run_dir / "human.json"
+        if cached.is_file():
+            return json.loads(cached.read_text())
+        emb_path = run_dir / "test_embeddings.safetensors"
+        if not emb_path.is_file() or not cfg.data.test_split:
+            return {}
+        key = (str(cfg.data.path), cfg.data.test_split, cfg.data.limit("test"))
+        if key not in self._test_sets:
+            self._test_sets[key] = Dataset.load(cfg.data.path).split(cfg.data.test_split).subset(key[2] or None)
+        ds = self._test_sets[key]
+        ann = find_annotations_dir(ds.image_paths)
+        if ann is None:
+            if not self._human_noted:
+                where = Path(ds.image_paths[0]).parent if len(ds) else cfg.data.path
+                print(f"note: no {EXPERT_FILE} and {CROWDFLOWER_FILE} beside the test images ({where}): the Flickr8k "
+                      "human-judgment metrics are skipped", file=sys.stderr)
+                self._human_noted = True
+            return {}
+        from safetensors.numpy import load_file
+
+        emb = load_file(str(emb_path))
+        img, txt = emb["image_embeds"], emb["text_embeds"]
+        if len(img) != len(ds) or len(txt) != len(ds.caption_ids):
+            raise DataError(f"{emb_path} holds {len(img)}×{len(txt)} image×caption rows, but the {cfg.data.test_split} "
+                            f"split of {cfg.data.path} has {len(ds)}×{len(ds.caption_ids)}")
+        metrics = flickr8k_human_metrics(img, txt, ds, ann)
+        out = {k: float(metrics[k]) for k in HUMAN_KEYS}
+        atomic_write_json(cached, out)
+        return out
+
     def ensemble(self, run_dir: Path, members: list[Path]) -> dict[str, Any]:
         """The mean of the members' test score matrices (SGRAF = SGR + SAF), evaluated once."""
         from itrkit.eval.fusion import evaluate_fusion_runs
@@ -96,10 +164,16 @@ class Runner:
     # --- results --------------------------------------------------------------------------------
     @staticmethod
     def aggregate(runs: list[dict[str, Any]], chosen: list[str]) -> dict[str, Any]:
-        """Mean ± std (ddof 1) of the runs' test RSUM; the runs keep their seeds (paired Δ in tables)."""
-        rs = np.array([r["rsum"] for r in runs])
-        return {"rsum_mean": float(rs.mean()), "rsum_std": float(rs.std(ddof=1)) if len(rs) > 1 else 0.0,
-                "chosen": chosen, "runs": runs}
+        """Mean ± std (ddof 1) of the runs' test RSUM (and of the human-judgment metrics, when every
+        run has them); the runs keep their seeds (paired Δ in tables)."""
+        out: dict[str, Any] = {}
+        for key in ("rsum", *HUMAN_KEYS):
+            if not runs or not all(key in r for r in runs):
+                continue
+            v = np.array([r[key] for r in runs], dtype=np.float64)
+            out[f"{key}_mean"] = float(v.mean())
+            out[f"{key}_std"] = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+        return {**out, "chosen": chosen, "runs": runs}
 
     def write(self, results: dict[str, Any], plot: bool = True) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -116,19 +190,37 @@ class Runner:
         print(results_table(results))
 
 
+def _mean_std(runs: list[dict[str, Any]], key: str) -> str:
+    if not runs or not all(key in x for x in runs):
+        return ""
+    v = np.array([x[key] for x in runs], dtype=np.float64)
+    return f"{v.mean():.1f} ± {v.std(ddof=1) if len(v) > 1 else 0:.1f}"
+
+
 def results_table(results: dict[str, Any]) -> str:
+    """The Markdown table: R@K means, RSUM mean ± std, the human-judgment columns (when some
+    method has them), paired Δ RSUM vs infonce with wins/losses, and the regime of the tuned runs."""
     keys = ["i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10"]
-    lines = ["| method | " + " | ".join(keys) + " | RSUM (mean ± std) | Δ vs infonce (paired) | n |",
-             "|---" * (len(keys) + 4) + "|"]
+    extra = [(k, h) for k, h in TABLE_EXTRA if any(_mean_std(r["runs"], k) for r in results.values())]
+    lines = ["| method | " + " | ".join(keys) + " | RSUM (mean ± std) | "
+             + "".join(f"{h} (mean ± std) | " for _, h in extra) + "Δ RSUM vs infonce (paired, wins/losses) | n |",
+             "|---" * (len(keys) + 4 + len(extra)) + "|"]
     base = results.get("infonce")
     for name, r in results.items():
         runs = r["runs"]
         cells = [f"{np.mean([x[k] for x in runs]):.1f}" for k in keys]
         delta = ""
-        if base and name != "infonce" and len(base["runs"]) == len(runs):
+        if base and name != "infonce" and [x["seed"] for x in base["runs"]] == [x["seed"] for x in runs]:
             d = np.array([x["rsum"] for x in runs]) - np.array([x["rsum"] for x in base["runs"]])
             delta = f"{d.mean():+.1f} ± {d.std(ddof=1) if len(d) > 1 else 0:.1f} ({int((d > 0).sum())}/{int((d < 0).sum())})"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['rsum_mean']:.1f} ± {r['rsum_std']:.1f} | {delta} | {len(runs)} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['rsum_mean']:.1f} ± {r['rsum_std']:.1f} | "
+                     + "".join(f"{_mean_std(runs, k)} | " for k, _ in extra) + f"{delta} | {len(runs)} |")
+    regimes = {(json.dumps(r.get("finetune")), json.dumps(r.get("overrides") or [])) for r in results.values()
+               if "finetune" in r}
+    for ft, ov in sorted(regimes):
+        ft_d, ov_l = json.loads(ft), json.loads(ov)
+        ft_s = ", ".join(f"{k}={v}" for k, v in ft_d.items()) if ft_d else "none (heads on frozen tower features)"
+        lines.append(f"\nTuned runs: fine-tuning {ft_s}" + (f"; --set {' '.join(ov_l)}" if ov_l else "") + ".")
     return "\n".join(lines) + "\n"
 
 
