@@ -63,3 +63,19 @@ def test_teach_cli_writes_a_caption_centroid_store(tmp_path: Path, capsys: pytes
                  "--image-teacher", "caption-centroid", "--text-teacher", "tiny-text"]) == 0
     img = FeatureStore.open(tmp_path / "t" / "image.store", dataset=ds, expect_kind="image")
     assert img.ids == ds.image_ids and img.teacher == "caption-centroid(tiny-text)"
+
+
+def test_reproduce_teachers_build_the_centroid_store_and_refuse_another_teacher_in_the_same_out(
+        tmp_path: Path) -> None:
+    from itrkit.data.synthetic import make_synthetic
+    from itrkit.experiments.runner import Runner
+
+    make_synthetic(tmp_path / "syn", n_images=8, captions_per_image=2, seed=1, size=16)
+    runner = Runner(tmp_path / "out")
+    ov = runner.teachers(tmp_path / "syn", "caption-centroid", "tiny-text")
+    img = FeatureStore.open(tmp_path / "out" / "teachers" / "image.store")
+    train = Dataset.load(tmp_path / "syn").split("train")
+    assert ov[0] == f"teacher.image_store={img.path}" and img.ids == train.image_ids  # training images only
+    assert img.teacher == "caption-centroid(tiny-text)"
+    with pytest.raises(ConfigError, match="holds the image teacher 'caption-centroid\\(tiny-text\\)', not 'tiny-image'"):
+        Runner(tmp_path / "out").teachers(tmp_path / "syn", "tiny-image", "tiny-text")
