@@ -74,3 +74,12 @@ def test_teacher_smooth_is_a_config_knob_exclusive_with_shuffle() -> None:
     assert load_train_config(None, []).teacher.smooth is False and load_train_config(None, []).teacher.shuffle is False
     with pytest.raises(ConfigError, match="teacher.shuffle and teacher.smooth"):
         load_train_config(None, ["teacher.smooth=true", "teacher.shuffle=true"])
+
+
+def test_teacher_smooth_reaches_the_dual_encoder_objective() -> None:
+    from itrkit.train.objective import Objective
+
+    for smooth in (False, True):
+        cfg = load_train_config(None, ["loss.csa=1", "loss.usa=1", "model.usa_heads=true", f"teacher.smooth={str(smooth).lower()}"])
+        obj = Objective(cfg, num_classes=4, embed_dim=8)
+        assert obj.cusa is not None and obj.cusa.smooth is smooth

@@ -31,7 +31,8 @@ class Objective(nn.Module):
             self.cusa = SoftLabelLoss(
                 alpha=1.0, beta=1.0, tau_c=lc.tau_c, tau_img=lc.tau_img, tau_txt=lc.tau_txt,
                 tau_min=lc.tau_uni_min, tau_max=lc.tau_uni_max, learnable=lc.tau_uni_learnable,
-                tau_teacher=lc.tau_teacher, teacher_mode=lc.teacher_mode, center_teacher=lc.center_teacher)
+                tau_teacher=lc.tau_teacher, teacher_mode=lc.teacher_mode, center_teacher=lc.center_teacher,
+                smooth=cfg.teacher.smooth)
         self.instance = InstanceLoss(num_classes, embed_dim) if cfg.uses("instance") else None
 
     def set_weights(self, weights: dict[str, float]) -> None:

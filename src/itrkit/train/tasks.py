@@ -357,7 +357,7 @@ class FusionTask(TrainingTask):
             soft = SoftLabelLoss(alpha=lc.csa, beta=lc.usa, tau_c=lc.tau_c, tau_img=lc.tau_img, tau_txt=lc.tau_txt,
                                  tau_min=lc.tau_uni_min, tau_max=lc.tau_uni_max, learnable=lc.tau_uni_learnable,
                                  tau_teacher=lc.tau_teacher, teacher_mode=lc.teacher_mode,
-                                 center_teacher=lc.center_teacher)
+                                 center_teacher=lc.center_teacher, smooth=cfg.teacher.smooth)
         if cfg.model.name == "rerank":
             if cfg.uses("triplet") or cfg.uses("instance"):
                 raise ConfigError("the re-ranker trains with loss.contrastive (ITC), loss.itm and CUSA terms only")
