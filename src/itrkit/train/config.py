@@ -128,6 +128,7 @@ class StageConfig:
     warmup_steps: int = 0
     schedule: str = "cosine"  # cosine | step | constant
     lr_decay_epoch: int = 0  # step schedule: lr × 0.1 from this epoch on (SGRAF practice)
+    tower_lr_scale: float = 1.0  # trainable tower blocks (top:N, all) learn at lr × this
     freeze: list[str] = field(default_factory=list)
     loss: dict[str, float] = field(default_factory=dict)
 
@@ -138,6 +139,8 @@ class StageConfig:
             raise ConfigError(f"stage '{self.name}': lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:
             raise ConfigError(f"stage '{self.name}': weight_decay must be >= 0")
+        if not self.tower_lr_scale > 0:
+            raise ConfigError(f"stage '{self.name}': tower_lr_scale must be > 0, got {self.tower_lr_scale}")
         if self.warmup_steps < 0 or self.lr_decay_epoch < 0:
             raise ConfigError(f"stage '{self.name}': warmup_steps and lr_decay_epoch must be >= 0")
         if self.schedule not in ("cosine", "step", "constant"):

@@ -105,11 +105,21 @@ def _at_least_float32(v: torch.Tensor) -> torch.Tensor:
     return v.float() if torch.is_floating_point(v) and v.dtype != torch.float64 else v
 
 
-def _param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
+def _param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float,
+                  tower_lr_scale: float = 1.0) -> list[dict[str, Any]]:
     # Decay only matrices (Linear weights, classifier); never biases, norms or temperatures.
-    decay = [p for n, p in named if p.ndim >= 2 and "tau" not in n]
-    other = [p for n, p in named if not (p.ndim >= 2 and "tau" not in n)]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+    # Pretrained tower blocks (top:N / all) may learn at a fraction of the heads' rate.
+    groups = []
+    for tower in (False, True):
+        part = [(n, p) for n, p in named if (".image_tower." in f".{n}" or ".text_tower." in f".{n}") == tower]
+        if tower and not part:
+            continue
+        scale = tower_lr_scale if tower else 1.0
+        groups += [{"params": [p for n, p in part if p.ndim >= 2 and "tau" not in n], "weight_decay": weight_decay,
+                    "lr_scale": scale},
+                   {"params": [p for n, p in part if not (p.ndim >= 2 and "tau" not in n)], "weight_decay": 0.0,
+                    "lr_scale": scale}]
+    return groups
 
 
 def lr_at(stage: StageConfig, step: int, epoch: int, total: int) -> float:
@@ -226,7 +236,7 @@ class Trainer:
         named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
         if not named:
             raise ConfigError(f"stage '{stage.name}' has nothing to train (every part is frozen)")
-        self.optimizer = torch.optim.AdamW(_param_groups(named, stage.weight_decay), lr=stage.lr)
+        self.optimizer = torch.optim.AdamW(_param_groups(named, stage.weight_decay, stage.tower_lr_scale), lr=stage.lr)
         self.opt_names = {id(p): n for n, p in named}
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.world > 1:
@@ -378,7 +388,7 @@ class Trainer:
                 for b, idx, batch in zip(bar, idxs, batches):
                     lr = lr_at(stage, epoch * nb + b, epoch, total)
                     for g in self.optimizer.param_groups:
-                        g["lr"] = lr
+                        g["lr"] = lr * g.get("lr_scale", 1.0)
                     batch = move_to(batch, self.device, non_blocking=True)
                     backward = None
                     if self.gradcache is not None:
