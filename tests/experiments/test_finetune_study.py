@@ -75,7 +75,7 @@ def test_finetune_and_set_reach_every_tuned_run_of_the_study(tmp_path: Path, syn
     seen = _fake_runs(monkeypatch)
     out = tmp_path / "study"
     assert main(["reproduce", "flickr8k", "--data", str(synth), "--out", str(out), "--methods", ",".join(STUDY),
-                 "--finetune", "top:2", "--set", "loss.center_teacher=true", "--set", "stages.0.warmup_steps=7",
+                 "--finetune", "top:2", "--set", "loss.center_teacher=true", "--set", "stages.*.warmup_steps=7",
                  "--seeds", "2", "--epochs", "2", "--image-teacher", "tiny-image", "--text-teacher", "tiny-text"]) == 0
     runs = {(Path(c.out).parent.name, Path(c.out).name): c for c in seen}
     # 3 tuned grids of 4 dev runs (infonce, cusa, icone), then 2 seeds of every method
@@ -85,6 +85,7 @@ def test_finetune_and_set_reach_every_tuned_run_of_the_study(tmp_path: Path, syn
         assert c.loss.center_teacher is True and c.stages[0].warmup_steps == 7, name  # --set, after the method's
         if name.startswith("icone"):  # stage I on frozen towers, stage II fine-tunes them (the paper's recipe)
             assert [s.freeze for s in c.stages] == [["towers"], []], name
+            assert c.stages[1].warmup_steps == 7, name  # stages.* reaches both stages
         else:
             assert len(c.stages) == 1 and c.stages[0].freeze == [], name
     # dev choice = the last grid point; CUSA's is the paper's own (α=0.1, β=0.5, T=1, learnable τ)
@@ -102,9 +103,9 @@ def test_finetune_and_set_reach_every_tuned_run_of_the_study(tmp_path: Path, syn
     assert set(res) == set(STUDY)
     for r in res.values():
         assert r["finetune"] == {"image": "top:2", "text": "top:2"}
-        assert r["overrides"] == ["loss.center_teacher=true", "stages.0.warmup_steps=7"]
+        assert r["overrides"] == ["loss.center_teacher=true", "stages.*.warmup_steps=7"]
     md = (out / "results.md").read_text()
-    assert "Tuned runs: fine-tuning image=top:2, text=top:2; --set loss.center_teacher=true stages.0.warmup_steps=7." in md
+    assert "Tuned runs: fine-tuning image=top:2, text=top:2; --set loss.center_teacher=true stages.*.warmup_steps=7." in md
     assert json.loads((out / "study.json").read_text())["finetune"] == {"image": "top:2", "text": "top:2"}
     # synthetic data has no annotation files: one notice line, not silence, not an error
     err = capsys.readouterr().err
@@ -114,7 +115,7 @@ def test_finetune_and_set_reach_every_tuned_run_of_the_study(tmp_path: Path, syn
         Reproduction(synth, out, ["infonce"], 1, 1, None, "tiny-image", "tiny-text").run()
     with pytest.raises(ConfigError, match="holds runs of another regime"):
         Reproduction(synth, out, ["infonce"], 1, 1, None, "tiny-image", "tiny-text", finetune="top:1",
-                     overrides=["loss.center_teacher=true", "stages.0.warmup_steps=7"]).run()
+                     overrides=["loss.center_teacher=true", "stages.*.warmup_steps=7"]).run()
 
 
 def test_frozen_regime_and_bad_specs(tmp_path: Path, synth: Path, monkeypatch: pytest.MonkeyPatch,

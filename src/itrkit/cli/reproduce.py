@@ -46,7 +46,8 @@ def add_parsers(sub: Any) -> None:
                         "frozen in stage I. Default: heads on frozen tower features")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for every tuned run, after the method's own (repeatable), "
-                        "e.g. loss.center_teacher=true")
+                        "e.g. loss.center_teacher=true; stages.*.KEY=V sets KEY in every stage of each method, "
+                        "e.g. stages.*.tower_lr_scale=0.03")
     r.add_argument("--image-teacher", default="efficientnet-lite2",
                    help="a tower spec, or caption-centroid (each image's row = the mean text-teacher row of its "
                         "own training captions)")

@@ -31,6 +31,7 @@ from itrkit.experiments.methods import (
     METHODS,
     Method,
     epochs_overrides,
+    expand_stages,
     finetune_overrides,
     parse_finetune,
 )
@@ -67,7 +68,8 @@ class Reproduction:
         self.overrides = list(overrides or [])  # --set items for every tuned run, after the method's own
         for name in methods:  # every tuned method's config is checked (keys, values) before anything runs
             if METHODS[name].kind == "tuned":
-                load_train_config(None, [*BASE, *finetune_overrides(METHODS[name], self.finetune), *self.overrides])
+                load_train_config(None, [*BASE, *METHODS[name].overrides, *finetune_overrides(METHODS[name], self.finetune),
+                                         *expand_stages(METHODS[name], self.overrides)])
         self.runner = Runner(out, device=device)
         self.out = Path(out)
         self.methods = methods
@@ -98,7 +100,8 @@ class Reproduction:
             ov += self._teachers()
         if method.inherits:
             ov += self.choices.get(method.inherits, [])
-        ov += method.overrides + extra + method.after + finetune_overrides(method, self.finetune) + self.overrides
+        ov += (method.overrides + extra + method.after + finetune_overrides(method, self.finetune)
+               + expand_stages(method, self.overrides))
         return load_train_config(None, ov)
 
     def _check_study(self) -> None:

@@ -137,6 +137,18 @@ def two_stage(method: Method) -> bool:
     return any(o.startswith("stages.1.") for o in method.overrides)
 
 
+def expand_stages(method: Method, overrides: list[str]) -> list[str]:
+    """``stages.*.KEY=V`` → one item per stage of ``method`` (``stages.0.KEY=V``, and ``stages.1.KEY=V``
+    for a two-stage method), so one ``--set`` reaches every stage without adding stages to the others."""
+    out = []
+    for o in overrides:
+        if o.startswith("stages.*."):
+            out += [f"stages.{k}.{o[len('stages.*.'):]}" for k in range(2 if two_stage(method) else 1)]
+        else:
+            out.append(o)
+    return out
+
+
 def finetune_overrides(method: Method, finetune: dict[str, str] | None) -> list[str]:
     """The config overrides of partial fine-tuning for ``method`` (empty without ``finetune``).
 
