@@ -7,8 +7,9 @@ heads and the teacher stores: 1280-d image, 768-d text, float16 as ``itrkit teac
 them) and the same batches in the same order. Two settings:
 
 - ``cached``: heads on cached EfficientNet-Lite0 / MiniLM features, B=128 (the CPU recipe);
-- ``top2`` (``--top2``): live towers with ``model.image_trainable=top:2
-  model.text_trainable=top:2 model.cached_features=false`` (the towers dominate), B=``--top2-batch``.
+- ``top2`` (``--top2``): ``model.image_trainable=top:2 model.text_trainable=top:2`` over the cached
+  frozen prefix (the top blocks dominate), or with ``--top2-live`` the towers run live
+  (``model.cached_features=false``), B=``--top2-batch``.
 
 Variants alternate step by step in one process, with the order rotated each round, so load noise
 from other jobs hits all alike; ratios are of medians. ``--compare`` adds CUSA as it was
@@ -74,12 +75,13 @@ def _prepare(work: Path, n_images: int) -> tuple[Path, list[str]]:
 class Case:
     """One method's task, training module and optimizer; ``step()`` = one trainer step."""
 
-    def __init__(self, cusa: bool, data: Path, teachers: list[str], batch: int, live: bool, work: Path,
+    def __init__(self, cusa: bool, data: Path, teachers: list[str], batch: int, live: bool | str, work: Path,
                  extra: list[str], fused: bool | None = None, ram_mb: int | None = None) -> None:
         over = [f"data.path={data}", f"batch_size={batch}", f"cache_dir={work / 'cache'}", "loss.tau=0.05",
                 "model.trunk=none", *extra]
-        if live:
-            over += ["model.cached_features=false", "model.image_trainable=top:2", "model.text_trainable=top:2"]
+        if live:  # top:2 trainable: over the cached frozen prefix, or (live == "towers") the live towers
+            over += [f"model.cached_features={'false' if live == 'towers' else 'true'}",
+                     "model.image_trainable=top:2", "model.text_trainable=top:2"]
         if cusa:
             over += ["loss.csa=1", "loss.usa=1", "model.usa_heads=true", "loss.tau_teacher=0.1", *teachers]
         cfg = load_config(TrainConfig, None, overrides=over)
@@ -177,6 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=0, help="timed steps per method, cached (default 200, quick 40)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--top2", action="store_true", help="also time live towers with top:2 trainable")
+    ap.add_argument("--top2-live", action="store_true", help="--top2 with the towers run live "
+                    "(model.cached_features=false) instead of over the cached frozen prefix")
     ap.add_argument("--top2-batch", type=int, default=32)
     ap.add_argument("--top2-steps", type=int, default=0, help="default 20, quick 6")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch default); 1 on a shared machine")
@@ -197,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         work.mkdir(parents=True, exist_ok=True)
         # Enough pairs for a few distinct batches of the train split.
         data, teachers = _prepare(work, max(400, 3 * a.batch))
-        def cases(batch: int, live: bool) -> dict[str, Case]:
+        def cases(batch: int, live: bool | str) -> dict[str, Case]:
             c = {"infonce": Case(False, data, teachers, batch, live, work, a.set),
                  "cusa": Case(True, data, teachers, batch, live, work, a.set)}
             if a.compare:
@@ -217,10 +221,11 @@ def main(argv: list[str] | None = None) -> None:
         r = _report("cached", _time({k: c.step for k, c in cached.items()}, steps), cached)
         res.update(step_ratio_cached=r["ratio"], cached={k: round(v, 4) for k, v in r.items()})
         if a.top2:
-            live = cases(a.top2_batch, True)
-            print(f"top:2 live towers, B={a.top2_batch}, {top2_steps} timed steps each")
+            live = cases(a.top2_batch, "towers" if a.top2_live else True)
+            where = "live towers" if a.top2_live else "the cached frozen prefix (only the top blocks run)"
+            print(f"top:2 on {where}, B={a.top2_batch}, {top2_steps} timed steps each")
             r = _report("top2", _time({k: c.step for k, c in live.items()}, top2_steps), live)
-            res.update(step_ratio_top2=r["ratio"], top2_batch=a.top2_batch, top2_steps=top2_steps,
+            res.update(step_ratio_top2=r["ratio"], top2_batch=a.top2_batch, top2_steps=top2_steps, top2_live=a.top2_live,
                        top2={k: round(v, 4) for k, v in r.items()})
         res["peak_rss_mb"] = round(_peak_rss_mb(), 1)
         print(f"  peak RSS {res['peak_rss_mb']:.0f} MB")
