@@ -220,3 +220,15 @@ def test_training_on_the_cached_prefix_equals_training_the_live_top_blocks(synth
     for split in ("val", "test"):
         for k in ("rsum", "i2t_R@1", "t2i_R@1"):
             assert cached[split][k] == pytest.approx(live[split][k], abs=1e-6), (split, k)
+
+
+def test_model_trainable_sets_both_towers_and_conflicts_are_one_line_errors() -> None:
+    from itrkit.train.config import load_train_config
+
+    cfg = load_train_config(None, ["model.trainable=top:2"])
+    assert (cfg.model.image_trainable, cfg.model.text_trainable) == ("top:2", "top:2")
+    with pytest.raises(ConfigError, match="disagree"):
+        load_train_config(None, ["model.trainable=top:2", "model.text_trainable=top:1"])
+    with pytest.raises(ConfigError, match="nothing is frozen"):
+        load_train_config(None, ["model.trainable=all"])
+    assert load_train_config(None, ["model.trainable=all", "model.cached_features=false"]).model.text_trainable == "all"

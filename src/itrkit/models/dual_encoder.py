@@ -56,6 +56,7 @@ class ModelConfig:
     text_tower: str = "minilm"
     image_trainable: str = "frozen"  # frozen | all | top:N
     text_trainable: str = "frozen"
+    trainable: str = ""  # shorthand: both towers' mode (image_trainable / text_trainable follow it)
     # Cache what is frozen: pooled features of frozen towers, the frozen prefix's states of top:N
     # towers (only their top blocks run per step); false = every tower runs live.
     cached_features: bool = True
@@ -67,6 +68,17 @@ class ModelConfig:
     usa_dim: int = 256
     image_size: int = 0  # 0 = the tower's native size
     grad_checkpointing: bool = False  # recompute trainable towers' activations in backward (HF towers)
+
+    def __post_init__(self) -> None:
+        if self.trainable:
+            from itrkit.errors import ConfigError
+
+            for side in ("image", "text"):
+                own = getattr(self, f"{side}_trainable")
+                if own not in ("frozen", self.trainable):
+                    raise ConfigError(f"model.trainable={self.trainable} and model.{side}_trainable={own} disagree "
+                                      "(set one of them)")
+                setattr(self, f"{side}_trainable", self.trainable)
 
     def validate(self) -> None:
         from itrkit.errors import ConfigError
