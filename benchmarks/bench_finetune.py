@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         ratios["top2_vs_live_top2"] = rows["top2"]["pairs_per_s"] / rows["live_top2"]["pairs_per_s"]
         for k, v in ratios.items():
             print(f"  {k}: {v:.1f}x")
-        n = 2000 if a.quick else 10000
+        n = 1000 if a.quick else 10000
         growth = [rss_growth(data, cache, m) for m in (n, 4 * n)]
         for g in growth:
             print(f"  text prefix cache of {g['n']} captions ({g['cache_mb']:.0f} MB on disk): RSS growth while "
