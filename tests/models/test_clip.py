@@ -43,19 +43,18 @@ def _tiny_clip_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=merges), vocab
 
 
-@pytest.fixture(scope="module")
-def clip_folder(tmp_path_factory) -> Path:
+def save_tiny_clip(root: Path, layers: int = 2, max_positions: int = 16, dropout: float = 0.0) -> Path:
+    """A tiny random ``CLIPModel`` (+ tokenizer, preprocessor config) saved to ``root``."""
     from transformers import CLIPConfig, CLIPModel
 
-    root = tmp_path_factory.mktemp("tiny-clip")
     tok, vocab = _tiny_clip_tokenizer()
     eos = vocab["<|endoftext|>"]
     cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=16, eos_token_id=eos,
-                         bos_token_id=vocab["<|startoftext|>"], pad_token_id=eos),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=2, max_position_embeddings=max_positions, eos_token_id=eos,
+                         bos_token_id=vocab["<|startoftext|>"], pad_token_id=eos, dropout=dropout),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2,
+                           image_size=32, patch_size=8, dropout=dropout),
         projection_dim=24)
     torch.manual_seed(0)
     CLIPModel(cfg).save_pretrained(root)
@@ -65,6 +64,11 @@ def clip_folder(tmp_path_factory) -> Path:
         "do_rescale": True, "do_resize": True, "image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3],
         "resample": 3, "rescale_factor": 1 / 255, "size": {"shortest_edge": 32}}))
     return root
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory) -> Path:
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
 
 
 def _reference_model(folder: Path):

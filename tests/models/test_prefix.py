@@ -20,7 +20,7 @@ import torch
 from itrkit.errors import ConfigError
 from itrkit.models.prefix import cached_prefix, prefix_path
 from itrkit.models.towers import build_tower
-from tests.models.test_clip import _tiny_clip_tokenizer
+from tests.models.test_clip import save_tiny_clip
 
 CAPTIONS = ["a dog runs on the grass", "two children play with a red ball near the water", "a cat",
             "the man in a blue shirt climbs a rock wall while his friend watches from below", "x y"]
@@ -38,22 +38,8 @@ def effnet():
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory) -> Path:
-    from transformers import CLIPConfig, CLIPModel
-
-    root = tmp_path_factory.mktemp("tiny-clip-prefix")
-    tok, vocab = _tiny_clip_tokenizer()
-    eos = vocab["<|endoftext|>"]
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                         num_attention_heads=2, max_position_embeddings=32, eos_token_id=eos,
-                         bos_token_id=vocab["<|startoftext|>"], pad_token_id=eos, dropout=0.1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                           image_size=32, patch_size=8, dropout=0.1),
-        projection_dim=24)
-    torch.manual_seed(0)
-    CLIPModel(cfg).save_pretrained(root)
-    tok.save_pretrained(root)
-    return root
+    # 3 layers and dropout on: every cut point, and the same dropout draws on both paths
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip-prefix"), layers=3, max_positions=32, dropout=0.1)
 
 
 def _images(n: int, size: int = 48) -> list[np.ndarray]:
