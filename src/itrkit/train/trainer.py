@@ -107,19 +107,20 @@ def _at_least_float32(v: torch.Tensor) -> torch.Tensor:
 
 def _param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float,
                   tower_lr_scale: float = 1.0) -> list[dict[str, Any]]:
-    # Decay only matrices (Linear weights, classifier); never biases, norms or temperatures.
-    # Pretrained tower blocks (top:N / all) may learn at a fraction of the heads' rate.
-    groups = []
-    for tower in (False, True):
-        part = [(n, p) for n, p in named if (".image_tower." in f".{n}" or ".text_tower." in f".{n}") == tower]
-        if tower and not part:
-            continue
-        scale = tower_lr_scale if tower else 1.0
-        groups += [{"params": [p for n, p in part if p.ndim >= 2 and "tau" not in n], "weight_decay": weight_decay,
-                    "lr_scale": scale},
-                   {"params": [p for n, p in part if not (p.ndim >= 2 and "tau" not in n)], "weight_decay": 0.0,
-                    "lr_scale": scale}]
-    return groups
+    """AdamW groups: decay only matrices (Linear weights, classifier), never biases, norms or
+    temperatures. With ``tower_lr_scale`` ≠ 1 the pretrained tower blocks (top:N / all) get groups
+    of their own that learn at ``lr × scale``; at 1 the two groups (and parameter order) are as always."""
+    def split(part: list[tuple[str, nn.Parameter]], scale: float) -> list[dict[str, Any]]:
+        decay = [p for n, p in part if p.ndim >= 2 and "tau" not in n]
+        other = [p for n, p in part if not (p.ndim >= 2 and "tau" not in n)]
+        return [{"params": decay, "weight_decay": weight_decay, "lr_scale": scale},
+                {"params": other, "weight_decay": 0.0, "lr_scale": scale}]
+
+    if tower_lr_scale == 1.0:
+        return split(named, 1.0)
+    is_tower = [".image_tower." in f".{n}" or ".text_tower." in f".{n}" for n, _ in named]
+    towers = [x for x, t in zip(named, is_tower) if t]
+    return split([x for x, t in zip(named, is_tower) if not t], 1.0) + (split(towers, tower_lr_scale) if towers else [])
 
 
 def lr_at(stage: StageConfig, step: int, epoch: int, total: int) -> float:
