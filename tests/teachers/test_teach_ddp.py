@@ -57,6 +57,10 @@ with every_rank():  # as a task built on every rank (training) caches its featur
 save_file({"features": feats}, f"{out}/returned-rank{rank}.safetensors")
 with open(f"{out}/calls-rank{rank}.json", "w") as f:  # one file per rank: stdout lines of ranks interleave
     json.dump({"rank": rank, "world": world, "calls": calls}, f)
+import torch.distributed as dist
+if dist.is_initialized():  # as the CLI does: no gloo threads left to race the interpreter's exit
+    dist.barrier()
+    dist.destroy_process_group()
 """
 
 
