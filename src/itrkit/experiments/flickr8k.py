@@ -6,12 +6,12 @@ Frozen EfficientNet-Lite0 + all-MiniLM-L6-v2 features are cached once and shared
 teachers (EfficientNet-Lite2 + all-mpnet-base-v2 by default) are extracted once into stores.
 Methods come from :data:`itrkit.experiments.methods.METHODS` (tuned, recipe, ensemble).
 
-Regime of the tuned runs (issue 16): ``finetune`` (``top:N`` or ``image=top:N,text=top:M``) trains
+Regime of the tuned runs: ``finetune`` (``top:N`` or ``image=top:N,text=top:M``) trains
 the top blocks of the towers over cached frozen prefixes (:func:`~itrkit.experiments.methods.finetune_overrides`);
 ``overrides`` (``--set``) apply to every tuned run after the method's own. Both are recorded with
 each tuned method's results and in ``out/study.json`` (a later call into the same ``out`` must
 match, so no finished run of another regime is reused). Every dual-encoder seed run also gets the
-Flickr8k human-judgment metrics (SPEC §4) when the annotation files are beside the test images.
+Flickr8k human-judgment metrics (docs/method.md §4.5) when the annotation files are beside the test images.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ the teacher's knowledge away two ways: ``cusa-shuffled`` permutes the teacher ro
 items (the soft labels keep their shape), ``cusa-smooth`` gives CSA label-smoothed rows with the
 teacher's diagonal mass (FINDINGS F3: the diagonal staying the largest entry may be all CSA uses).
 
-Regimes (issue 16): heads on frozen tower features (the default), or partial fine-tuning
+Regimes: heads on frozen tower features (the default), or partial fine-tuning
 (:func:`finetune_overrides`: the top N blocks of each tower train over cached frozen prefixes;
 two-stage methods keep the towers frozen in stage I and train them in stage II, IConE's recipe).
 """
@@ -62,7 +62,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("cusa", ["loss.contrastive=1"], [
         ["loss.csa=1", "loss.usa=1", "loss.tau_teacher=0.1"], ["loss.csa=3", "loss.usa=3", "loss.tau_teacher=0.1"],
         ["loss.csa=1", "loss.usa=3", "loss.tau_teacher=0.05"],
-        # the paper's own point (CUSA §4.1: α=0.1, β=0.5, teacher T=1, learnable τ), issue 16
+        # the paper's own point (CUSA §4.1: α=0.1, β=0.5, teacher T=1, learnable τ)
         ["loss.csa=0.1", "loss.usa=0.5", "loss.tau_teacher=1.0", "loss.tau_learnable=true"],
     ], inherits="infonce", teachers=True, description="InfoNCE + α·CSA + β·USA"),
     Method("cusa-shuffled", ["loss.contrastive=1", "teacher.shuffle=true"], copy_choice_of="cusa", inherits="infonce",

@@ -8,7 +8,7 @@ Layout under ``out``::
     grid.store/              region features for the fusion matchers (train/val/test, once)
     tune/<method>/g<k>/      dev runs of a tuned method's grid point k (seed 0)
     runs/<method>/seed<s>/   the reported runs; ``metrics.json`` present = finished (reused);
-                             ``human.json``: its Flickr8k human-judgment metrics (SPEC §4, test only)
+                             ``human.json``: its Flickr8k human-judgment metrics (docs/method.md §4.5, test only)
     results.{json,md,png}, timings.json
 """
 
@@ -27,7 +27,7 @@ from itrkit.errors import ConfigError, DataError
 from itrkit.train.config import TrainConfig
 from itrkit.utils.io import atomic_path, atomic_write_json, atomic_write_text
 
-# The Flickr8k human-judgment metrics merged into every dual-encoder run's test entry (SPEC §4).
+# The Flickr8k human-judgment metrics merged into every dual-encoder run's test entry (docs/method.md §4.5).
 HUMAN_KEYS = ("f8k_expert_tau_c", "f8k_cf_tau_b", "f8k_human_i2t_map@r", "f8k_human_t2i_map@r",
               "f8k_human_i2t_rp", "f8k_human_t2i_rp")
 # results.md columns beside RSUM: (key, header), shown when every run of some method has the key

@@ -11,7 +11,7 @@
 A term whose weight is 0 is skipped and its key omitted. USA always pairs images with the image
 teacher and captions with the text teacher; CSA may combine the two teachers (``teacher_mode``).
 
-``smooth=True`` is the label-smoothing control of issue 16 (``cusa-smooth``): CSA's targets keep
+``smooth=True`` is the label-smoothing control (``cusa-smooth``, README "Flickr8k with the encoders fine-tuned"): CSA's targets keep
 each teacher row's diagonal mass and spread the rest uniformly over the row's off-diagonal
 entries (:func:`smooth_rows`), so CSA keeps the shape of its soft labels (the diagonal the largest
 entry, FINDINGS F3) and loses what the teacher knows about which other items are alike. USA's

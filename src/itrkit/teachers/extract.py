@@ -406,7 +406,7 @@ def _store_digest(store: FeatureStore) -> str:
 
 def caption_centroid_store(dataset: Any, text_store: FeatureStore | str | os.PathLike, out_path: str | os.PathLike,
                            *, overwrite: bool = False, chunk_images: int = 4096) -> FeatureStore:
-    """An image teacher derived from the text teacher (issue 16): image ``n``'s row is the
+    """An image teacher derived from the text teacher: image ``n``'s row is the
     L2-normalised mean of the text store's rows of ``n``'s own captions in ``dataset``.
 
     ``dataset`` is the split the store serves (the training split in ``itrkit reproduce``), so only

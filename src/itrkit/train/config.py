@@ -104,7 +104,7 @@ class TeacherConfig:
     image_store: str = ""  # folder written by ``itrkit teach``
     text_store: str = ""
     shuffle: bool = False  # control: permute teacher rows among training items once (seeded)
-    # control (issue 16, cusa-smooth): CSA's targets keep each teacher row's diagonal and spread the rest
+    # control (cusa-smooth): CSA's targets keep each teacher row's diagonal and spread the rest
     # uniformly over the other entries (label smoothing); USA's stay the teacher's
     smooth: bool = False
     ram_mb: int = 1024  # the training split's teacher rows (float32) are read once into RAM up to this; 0 = per batch from disk
