@@ -195,8 +195,10 @@ class DualEncoder(nn.Module):
         mode = getattr(self.config, f"{side}_trainable")
         if not self.config.cached_features or not mode.startswith("top:"):
             return None
-        tower = self.image_tower if side == "image" else self.text_tower
-        return tower.cut_for(mode)
+        cuts = self.__dict__.setdefault("_cuts", {})  # the config is fixed: walk the blocks once, not per step
+        if side not in cuts:
+            cuts[side] = (self.image_tower if side == "image" else self.text_tower).cut_for(mode)
+        return cuts[side]
 
     @torch.inference_mode()
     def features_from_prefix(self, side: str, states: Any, batch_size: int = 256) -> torch.Tensor:
