@@ -2,21 +2,29 @@
 
 Each step is the trainer's loop body: ``task.make_batch`` (tower features or inputs, and for CUSA
 the teacher rows from real on-disk stores), ``TrainModule`` forward (model, objective), backward,
-AdamW, temperature clamping. Both methods use the same model settings (CUSA adds the two USA
-heads and the teacher stores: 1280-d image, 768-d text, float16 as ``itrkit teach`` writes
-them) and the same batches in the same order. Two settings:
+the trainer's AdamW (fused where torch has it), temperature clamping. Both methods use the same
+model settings (CUSA adds the two USA heads and the teacher stores: 1280-d image, 768-d text,
+float16 as ``itrkit teach`` writes them) and the same batches in the same order. Settings:
 
-- ``cached``: heads on cached EfficientNet-Lite0 / MiniLM features, B=128 (the CPU recipe);
+- ``cached`` (B=128, cached EfficientNet-Lite0 / MiniLM features), two models: ``recipe`` (the
+  bundled ``configs/cusa.yaml`` model: residual MLP trunk shared by cross and USA heads, 256-d)
+  and ``heads`` (linear heads only, ``configs/infonce.yaml``), each also with ``csa`` (CSA alone,
+  no USA heads). ``step_ratio_cached`` is the recipe's CUSA / InfoNCE;
 - ``top2`` (``--top2``): ``model.image_trainable=top:2 model.text_trainable=top:2`` over the cached
   frozen prefix (the top blocks dominate), or with ``--top2-live`` the towers run live
   (``model.cached_features=false``), B=``--top2-batch``.
 
+Each variant's matmul FLOPs per step (forward + backward, ``torch.utils.flop_counter``) are
+counted too: with heads only, CUSA's two USA heads are as large as the model InfoNCE trains, so
+its arithmetic, not its overhead, sets the ratio there (``flop_ratio_*``).
+
 Variants alternate step by step in one process, with the order rotated each round, so load noise
 from other jobs hits all alike; ratios are of medians. ``--compare`` adds CUSA as it was
 (teacher rows from disk per batch, unfused KL: ``cusa_disk``) and with in-RAM rows but the
-unfused KL (``cusa_unfused``). ``--profile N`` prints where a CUSA step's
+unfused KL (``cusa_unfused``) to the recipe setting. ``--profile N`` prints where a CUSA step's
 time goes (torch.profiler over N steps) instead. ``--json PATH`` writes the figures
-(``step_ratio_cached``, ``step_ratio_top2``, medians in ms).
+(``step_ratio_cached``, ``step_ratio_cached_heads``, ``step_ratio_cached_heads_csa``,
+``flop_ratio_*``, ``step_ratio_top2``, medians in ms).
 
     .venv/bin/python benchmarks/bench_loss_step.py [--quick] [--top2] [--json PATH] [--profile 50]
 """
@@ -44,9 +52,13 @@ from itrkit.losses import soft_labels
 from itrkit.teachers.store import FeatureStore
 from itrkit.train.config import TrainConfig
 from itrkit.train.tasks import DualEncoderTask
-from itrkit.train.trainer import TrainModule
+from itrkit.train.trainer import TrainModule, make_adamw
 from itrkit.utils.device import move_to
 from itrkit.utils.io import atomic_write_text
+
+# The bundled recipes' models (configs/cusa.yaml: shared residual MLP trunk; configs/infonce.yaml: heads).
+RECIPE = ["model.trunk=mlp", "model.trunk_hidden=1024", "model.embed_dim=256", "model.usa_dim=256"]
+HEADS = ["model.trunk=none", "model.embed_dim=256", "model.usa_dim=256"]
 
 
 def _peak_rss_mb() -> float:
@@ -75,14 +87,16 @@ def _prepare(work: Path, n_images: int) -> tuple[Path, list[str]]:
 class Case:
     """One method's task, training module and optimizer; ``step()`` = one trainer step."""
 
-    def __init__(self, cusa: bool, data: Path, teachers: list[str], batch: int, live: bool | str, work: Path,
+    def __init__(self, cusa: bool | str, data: Path, teachers: list[str], batch: int, live: bool | str, work: Path,
                  extra: list[str], fused: bool | None = None, ram_mb: int | None = None) -> None:
         over = [f"data.path={data}", f"batch_size={batch}", f"cache_dir={work / 'cache'}", "loss.tau=0.05",
                 "model.trunk=none", *extra]
         if live:  # top:2 trainable: over the cached frozen prefix, or (live == "towers") the live towers
             over += [f"model.cached_features={'false' if live == 'towers' else 'true'}",
                      "model.image_trainable=top:2", "model.text_trainable=top:2"]
-        if cusa:
+        if cusa == "csa":  # CSA alone: no USA heads, no USA term
+            over += ["loss.csa=1", "loss.tau_teacher=0.1", *teachers]
+        elif cusa:
             over += ["loss.csa=1", "loss.usa=1", "model.usa_heads=true", "loss.tau_teacher=0.1", *teachers]
         cfg = load_config(TrainConfig, None, overrides=over)
         torch.manual_seed(0)
@@ -98,8 +112,9 @@ class Case:
         self.task.set_weights(cfg.weights(cfg.stages[0]))
         self.module = TrainModule(self.task, gather=False)
         self.module.train()
-        self.opt = torch.optim.AdamW([p for p in self.module.parameters() if p.requires_grad], lr=1e-4,
-                                     weight_decay=0.01)
+        # The trainer's optimizer (fused AdamW where torch has it), one group: both methods alike.
+        self.opt = make_adamw([{"params": [p for p in self.module.parameters() if p.requires_grad],
+                                "weight_decay": 0.01}], lr=1e-4)
         self.batches = self.task.epoch_batches(0, 0)
         self.k = 0
         self.device = next(self.module.parameters()).device
@@ -133,6 +148,15 @@ def _time(cases: dict[str, Callable[[], None]], steps: int) -> dict[str, list[fl
             cases[name]()
             times[name].append(time.perf_counter() - t0)
     return times
+
+
+def _matmul_flops(case: Case) -> int:
+    """Matmul FLOPs of one step (forward + backward; the optimizer's elementwise work is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        case.step()
+    return int(fc.get_total_flops())
 
 
 def _report(label: str, times: dict[str, list[float]], cases: dict[str, Case]) -> dict[str, float]:
@@ -201,27 +225,38 @@ def main(argv: list[str] | None = None) -> None:
         work.mkdir(parents=True, exist_ok=True)
         # Enough pairs for a few distinct batches of the train split.
         data, teachers = _prepare(work, max(400, 3 * a.batch))
-        def cases(batch: int, live: bool | str) -> dict[str, Case]:
-            c = {"infonce": Case(False, data, teachers, batch, live, work, a.set),
-                 "cusa": Case(True, data, teachers, batch, live, work, a.set)}
-            if a.compare:
+        def cases(batch: int, live: bool | str, extra: list[str], compare: bool = False) -> dict[str, Case]:
+            c = {"infonce": Case(False, data, teachers, batch, live, work, extra),
+                 "cusa": Case(True, data, teachers, batch, live, work, extra)}
+            if compare:
                 # The step as it was (teacher rows read from disk per batch, unfused KL), and with
                 # only the in-RAM rows (unfused KL): "cusa" is both changes.
-                c["cusa_disk"] = Case(True, data, teachers, batch, live, work, a.set, fused=False, ram_mb=0)
-                c["cusa_unfused"] = Case(True, data, teachers, batch, live, work, a.set, fused=False)
+                c["cusa_disk"] = Case(True, data, teachers, batch, live, work, extra, fused=False, ram_mb=0)
+                c["cusa_unfused"] = Case(True, data, teachers, batch, live, work, extra, fused=False)
             return c
 
-        cached = cases(a.batch, False)
         if a.profile:
-            _profile(cached["cusa"], a.profile)
+            _profile(Case(True, data, teachers, a.batch, False, work, [*RECIPE, *a.set]), a.profile)
             return
         print(f"B={a.batch}, {steps} timed steps each (cached), torch threads={torch.get_num_threads()}")
         res: dict[str, Any] = {"batch": a.batch, "steps": steps, "threads": torch.get_num_threads(),
                                "overrides": a.set}
-        r = _report("cached", _time({k: c.step for k, c in cached.items()}, steps), cached)
-        res.update(step_ratio_cached=r["ratio"], cached={k: round(v, 4) for k, v in r.items()})
+        for setting, model in (("recipe", RECIPE), ("heads", HEADS)):
+            extra = [*model, *a.set]
+            cached = cases(a.batch, False, extra, compare=a.compare and setting == "recipe")
+            cached["csa"] = Case("csa", data, teachers, a.batch, False, work, extra)
+            r = _report(f"cached/{setting}", _time({k: c.step for k, c in cached.items()}, steps), cached)
+            flops = {k: _matmul_flops(c) for k, c in cached.items()}
+            fr = {k: v / flops["infonce"] for k, v in flops.items()}
+            print(f"  cached/{setting}: matmul GFLOP per step " +
+                  ", ".join(f"{k} {v / 1e9:.3f} ({fr[k]:.2f}x)" for k, v in flops.items()))
+            key = "cached" if setting == "recipe" else "cached_heads"
+            res.update({f"step_ratio_{key}": r["ratio"], f"step_ratio_{key}_csa": r["ratio_csa"],
+                        f"flop_ratio_{key}": fr["cusa"], f"flop_ratio_{key}_csa": fr["csa"],
+                        key: {**{k: round(v, 4) for k, v in r.items()}, "gflop": {k: round(v / 1e9, 4) for k, v in flops.items()},
+                              "model": model}})
         if a.top2:
-            live = cases(a.top2_batch, "towers" if a.top2_live else True)
+            live = cases(a.top2_batch, "towers" if a.top2_live else True, a.set)
             where = "live towers" if a.top2_live else "the cached frozen prefix (only the top blocks run)"
             print(f"top:2 on {where}, B={a.top2_batch}, {top2_steps} timed steps each")
             r = _report("top2", _time({k: c.step for k, c in live.items()}, top2_steps), live)

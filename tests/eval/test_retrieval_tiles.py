@@ -1,4 +1,5 @@
-"""The one-matmul ranking path counts in cache-sized tiles; edges and ties must not change a rank."""
+"""The one-matmul ranking path counts with the numba loop (threaded row ranges) or torch ops in
+cache-sized tiles; neither edges, ties nor the thread split may change a rank."""
 
 from __future__ import annotations
 
@@ -7,15 +8,25 @@ import pytest
 import torch
 
 from itrkit.errors import DataError
-from itrkit.eval import retrieval
+from itrkit.eval import counts, retrieval
 from itrkit.eval.retrieval import evaluate_retrieval, l2_normalize, ranks
 from tests.eval._vectors import exact_unit_vectors
 from tests.eval.test_retrieval_reference import _reference_metrics, _reference_ranks
 
+COUNTERS = [("torch", (1, 1)), ("torch", (2, 3)), ("torch", (3, 5)), ("torch", (256, 4096)),
+            ("numba", (1, 1)), ("numba", (1, 2)), ("numba", (1, 3))]
 
-@pytest.mark.parametrize("tile", [(1, 1), (2, 3), (3, 5), (256, 4096)])
-def test_tiled_counts_equal_the_reference_loop_with_ties(monkeypatch: pytest.MonkeyPatch,
+
+def test_numba_counter_is_the_default_here() -> None:
+    assert retrieval.COUNTER == "numba" and counts.available()
+
+
+@pytest.mark.parametrize("counter,tile", COUNTERS)
+def test_tiled_counts_equal_the_reference_loop_with_ties(monkeypatch: pytest.MonkeyPatch, counter: str,
                                                          tile: tuple[int, int]) -> None:
+    # numba: tile[1] = torch threads = row ranges per block (1: inline, 2-3: thread pool)
+    monkeypatch.setattr(retrieval, "COUNTER", counter)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: tile[1])
     monkeypatch.setattr(retrieval, "_TILE_ROWS", tile[0])
     monkeypatch.setattr(retrieval, "_TILE_COLS", tile[1])
     for seed in range(4):
@@ -34,7 +45,9 @@ def test_tiled_counts_equal_the_reference_loop_with_ties(monkeypatch: pytest.Mon
                 assert got[k] == pytest.approx(ref[k], abs=1e-9), (tile, seed, chunk, k)
 
 
-def test_tiled_ranks_equal_untiled_on_float_scores(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("counter", ["torch", "numba"])
+def test_tiled_ranks_equal_untiled_on_float_scores(monkeypatch: pytest.MonkeyPatch, counter: str) -> None:
+    monkeypatch.setattr(retrieval, "COUNTER", counter)
     rng = np.random.default_rng(5)
     n, d = 60, 12
     t2i = np.repeat(np.arange(n), 5)

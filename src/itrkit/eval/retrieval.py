@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from itrkit.errors import ConfigError, DataError
+from itrkit.eval import counts
 from itrkit.eval.rerank import Rerank, make_rerank
 
 PRIMARY_METRIC = "rsum"
@@ -143,9 +145,37 @@ def _buffer(rows: int, cols: int) -> torch.Tensor:
 _TILE_ROWS, _TILE_COLS = 1 << 30, 1 << 30
 
 
+# "numba": the counting pass as one compiled loop (itrkit.eval.counts) when numba is installed;
+# "torch": comparisons + matrix-vector products (below). Same counts (tests/eval).
+COUNTER = "numba"
+
+
+class _Counter:
+    """The block counter of one ranking call: the numba loop on a thread pool, or torch ops."""
+
+    def __init__(self, rows: int, cols: int) -> None:
+        self.numba = COUNTER == "numba" and counts.available()
+        self.parts = max(1, torch.get_num_threads())
+        self.pool = ThreadPoolExecutor(self.parts) if self.numba and self.parts > 1 else None
+        self.tile = None if self.numba else _buffer(min(_TILE_ROWS, rows), min(_TILE_COLS, cols))
+
+    def __call__(self, sc: torch.Tensor, row_thr: torch.Tensor, col_hi: torch.Tensor,
+                 col_lo: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if not self.numba:
+            assert self.tile is not None
+            return _block_counts(sc, row_thr, col_hi, col_lo, self.tile)
+        out = counts.block_counts(sc.numpy(), row_thr.reshape(-1).numpy(), col_hi.reshape(-1).numpy(),
+                                  col_lo.reshape(-1).numpy(), self.pool, self.parts)
+        return tuple(torch.from_numpy(x) for x in out)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
 def _block_counts(sc: torch.Tensor, row_thr: torch.Tensor, col_hi: torch.Tensor, col_lo: torch.Tensor,
                   tile: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Per row: #{> row_thr}, #{≥ row_thr}; per column: #{> col_hi}, #{≥ col_lo} (int64).
+    """Per row: #{> row_thr}, #{≥ row_thr}; per column: #{> col_hi}, #{≥ col_lo} (int64), with torch ops.
 
     Exact: each tile's float32 0/1 sums stay far below 2**24 and are added up in float64.
     """
@@ -245,28 +275,31 @@ def _ranks_single_pass(img: torch.Tensor, txt: torch.Tensor, t2i: torch.Tensor,
     i2t = torch.empty(n, dtype=torch.long)
     # Reused buffers: a fresh 100 MB block per chunk would cost page faults on every block.
     block = _buffer(min(chunk_size, n), m)
-    tile = _buffer(min(_TILE_ROWS, chunk_size, n), min(_TILE_COLS, m))
-    for s in range(0, n, chunk_size):
-        e = min(s + chunk_size, n)
-        sc = torch.matmul(img[s:e], txt.T, out=block[:e - s])
-        target = _best_own(sc, caps[s:e])
-        true = sc.gather(1, target[:, None])
-        # i2t from the rows' counts; t2i: per caption column, against the band around its true score
-        row_gt, row_ge, above, col_ge = _block_counts(sc, true, hi_thr, lo_thr, tile)
-        i2t[s:e] = _settle_ties(sc, target, true, row_gt, row_ge - row_gt)
-        in_band = col_ge - above
-        higher += above
-        mine = by_image[first[s]:first[e]]  # captions whose image is in this block
-        exact[mine] = sc.view(-1).take((t2i[mine] - s) * m + mine)
-        in_band[mine] -= 1  # the true pair itself sits in its band (checked below)
-        cols = (in_band > 0).nonzero().squeeze(1)
-        if len(cols):
-            sub = sc.index_select(1, cols)
-            hit = (sub >= lo_thr[:, cols]) & (sub <= hi_thr[:, cols])
-            r, c = hit.nonzero(as_tuple=True)
-            band_rows.append(r + s)
-            band_cols.append(cols[c])
-            band_vals.append(sub[r, c])
+    counter = _Counter(min(chunk_size, n), m)
+    try:
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            sc = torch.matmul(img[s:e], txt.T, out=block[:e - s])
+            target = _best_own(sc, caps[s:e])
+            true = sc.gather(1, target[:, None])
+            # i2t from the rows' counts; t2i: per caption column, against the band around its true score
+            row_gt, row_ge, above, col_ge = counter(sc, true, hi_thr, lo_thr)
+            i2t[s:e] = _settle_ties(sc, target, true, row_gt, row_ge - row_gt)
+            in_band = col_ge - above
+            higher += above
+            mine = by_image[first[s]:first[e]]  # captions whose image is in this block
+            exact[mine] = sc.view(-1).take((t2i[mine] - s) * m + mine)
+            in_band[mine] -= 1  # the true pair itself sits in its band (checked below)
+            cols = (in_band > 0).nonzero().squeeze(1)
+            if len(cols):
+                sub = sc.index_select(1, cols)
+                hit = (sub >= lo_thr[:, cols]) & (sub <= hi_thr[:, cols])
+                r, c = hit.nonzero(as_tuple=True)
+                band_rows.append(r + s)
+                band_cols.append(cols[c])
+                band_vals.append(sub[r, c])
+    finally:
+        counter.close()
     if bool(((exact.double() - approx).abs() > tol / 2).any()):
         warnings.warn("float32 matmul strayed beyond its error bound (reduced-precision matmul?); "
                       "ranking again with two passes", RuntimeWarning, stacklevel=3)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from itrkit.errors import ConfigError
-from itrkit.losses.functional import info_nce
+from itrkit.losses.functional import info_nce, info_nce_from_scores
 
 
 def make_temperature(name: str, value: float, learnable: bool, lo: float, hi: float) -> nn.Parameter:
@@ -66,9 +66,14 @@ class ContrastiveLoss(nn.Module):
     def temperatures(self) -> dict[str, float]:
         return {"tau": self.temperature}
 
-    def forward(self, image_embeds: Tensor, text_embeds: Tensor, img_ids: Tensor | Sequence[Any]) -> dict[str, Tensor]:
+    def forward(self, image_embeds: Tensor, text_embeds: Tensor, img_ids: Tensor | Sequence[Any],
+                scores: Tensor | None = None) -> dict[str, Tensor]:
+        """``scores``: ``cos(image_embeds, text_embeds)`` when the caller already has it (shared
+        with other terms); the embeddings are then not used again."""
         self.clamp_temperatures_()
-        return {"contrastive_loss": self.weight * info_nce(image_embeds, text_embeds, img_ids, self.tau)}
+        loss = (info_nce(image_embeds, text_embeds, img_ids, self.tau) if scores is None
+                else info_nce_from_scores(scores, img_ids, self.tau))
+        return {"contrastive_loss": self.weight * loss}
 
     def extra_repr(self) -> str:
         return (f"tau={self.temperature:.4g}, learnable={self.tau.requires_grad}, "

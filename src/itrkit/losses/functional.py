@@ -83,9 +83,24 @@ def info_nce(img: Tensor, txt: Tensor, img_ids: Tensor | Sequence[Any], tau: flo
     """
     _check_2d("img", img)
     _check_2d("txt", txt, img.shape[0])
-    dt = _compute_dtype(img, txt)
-    ids = _as_ids(img_ids, img.shape[0], img.device)
-    s = _cos(img, txt, dt) / (tau.to(dt) if isinstance(tau, Tensor) else tau)
+    return info_nce_from_scores(_cos(img, txt, _compute_dtype(img, txt)), img_ids, tau)
+
+
+def cosine_matrix(img: Tensor, txt: Tensor) -> Tensor:
+    """``cos(img, txt)`` (B×B, float32 at least): the one matrix InfoNCE, triplet and CSA share
+    when several of them train a dual encoder (computed once, back-propagated once)."""
+    _check_2d("img", img)
+    _check_2d("txt", txt, img.shape[0])
+    return _cos(img, txt, _compute_dtype(img, txt))
+
+
+def info_nce_from_scores(scores: Tensor, img_ids: Tensor | Sequence[Any], tau: float | Tensor) -> Tensor:
+    """:func:`info_nce` on a given cosine matrix ``scores`` (image rows, caption columns)."""
+    if scores.ndim != 2 or scores.shape[0] != scores.shape[1]:
+        raise ItrkitError(f"scores must be a square B×B matrix, got shape {tuple(scores.shape)}")
+    dt = scores.dtype if scores.dtype == torch.float64 else torch.float32
+    ids = _as_ids(img_ids, scores.shape[0], scores.device)
+    s = scores.to(dt) / (tau.to(dt) if isinstance(tau, Tensor) else tau)
     p = positive_matrix(ids).to(dt)
     # P is symmetric (equality of ids), so it also serves as the text→image target.
     l_i2t = -(p * F.log_softmax(s, dim=1)).sum(dim=1).mean()

@@ -15,6 +15,7 @@ from torch import nn
 
 from itrkit.errors import ConfigError
 from itrkit.losses import ContrastiveLoss, InstanceLoss, TripletLoss
+from itrkit.losses.functional import cosine_matrix
 from itrkit.losses.soft_labels import SoftLabelLoss
 from itrkit.train.config import LOSS_TERMS, TrainConfig
 
@@ -46,15 +47,19 @@ class Objective(nn.Module):
         w = self.weights
         img, txt, ids = out["image_embeds"], out["text_embeds"], batch["img_ids"]
         losses: dict[str, torch.Tensor] = {}
+        csa_on = w["csa"] > 0 and self.cusa is not None
+        # InfoNCE and CSA read the same cosine matrix: computed (and back-propagated) once.
+        scores = cosine_matrix(img, txt) if w["contrastive"] > 0 and csa_on else None
         if w["contrastive"] > 0:
-            losses["contrastive_loss"] = w["contrastive"] * self.contrastive(img, txt, ids)["contrastive_loss"]
+            losses["contrastive_loss"] = w["contrastive"] * self.contrastive(img, txt, ids, scores=scores)["contrastive_loss"]
         if w["triplet"] > 0 and self.triplet is not None:
             losses["triplet_loss"] = w["triplet"] * self.triplet(img, txt, ids)["triplet_loss"]
         if (w["csa"] > 0 or w["usa"] > 0) and self.cusa is not None:
             for key in ("teacher_image", "teacher_text"):
                 if key not in batch:
                     raise ConfigError(f"CSA/USA need teacher features: set teacher.image_store and teacher.text_store ({key} missing)")
-            terms = self.cusa(batch["teacher_image"], batch["teacher_text"], image_embeds=img, text_embeds=txt,
+            pair = {"scores": scores} if scores is not None else {"image_embeds": img, "text_embeds": txt}
+            terms = self.cusa(batch["teacher_image"], batch["teacher_text"], **pair,
                               image_uni=out.get("image_uni"), text_uni=out.get("text_uni"))
             if "csa_loss" in terms:
                 losses["csa_loss"] = w["csa"] * terms["csa_loss"]

@@ -123,6 +123,19 @@ def _param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float,
     return split([x for x, t in zip(named, is_tower) if not t], 1.0) + (split(towers, tower_lr_scale) if towers else [])
 
 
+def make_adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.AdamW:
+    """AdamW with its fused kernel where this torch has one for the parameters' device (CPU from
+    torch 2.4, CUDA, MPS), else the multi-tensor ``foreach`` kernel.
+
+    The same update rule either way; the per-parameter Python loop torch defaults to on CPU was
+    ~45 % of a cached-feature step (benchmarks/bench_loss_step.py: trunk recipe 70 → 39 ms).
+    """
+    try:
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # older torch or a device without the fused kernel
+        return torch.optim.AdamW(groups, lr=lr, foreach=True)
+
+
 def lr_at(stage: StageConfig, step: int, epoch: int, total: int) -> float:
     """Learning rate at ``step`` (0-based, within the stage) of ``total``: linear warm-up, then
     cosine to 0, constant, or step (× 0.1 from ``lr_decay_epoch``, SGRAF practice)."""
@@ -237,7 +250,7 @@ class Trainer:
         named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
         if not named:
             raise ConfigError(f"stage '{stage.name}' has nothing to train (every part is frozen)")
-        self.optimizer = torch.optim.AdamW(_param_groups(named, stage.weight_decay, stage.tower_lr_scale), lr=stage.lr)
+        self.optimizer = make_adamw(_param_groups(named, stage.weight_decay, stage.tower_lr_scale), lr=stage.lr)
         self.opt_names = {id(p): n for n, p in named}
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.world > 1:
