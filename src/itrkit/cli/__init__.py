@@ -75,7 +75,8 @@ def _cmd_eval(a: argparse.Namespace) -> int:
                               "(no --protocol/--eccv/--sts/--unimodal)")
         metrics = evaluate_fusion_runs(runs, data=a.data, split=a.split, grid_store=getattr(a, "grid", None),
                                        max_images=a.max_images, progress=not getattr(a, "quiet", False),
-                                       rerank_k=getattr(a, "rerank_k", None), device=a.device)
+                                       rerank_k=getattr(a, "rerank_k", None), device=a.device,
+                                       cache_dir=getattr(a, "cache", None))
         name = " + ".join(Path(r).name for r in runs)
         print(format_table({f"{name} ({a.split})": metrics}))
         out = Path(a.json) if a.json else Path(runs[0]) / (f"eval_{a.split}_{a.protocol}" + ("_ensemble" if len(runs) > 1 else "") + ".json")

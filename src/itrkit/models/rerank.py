@@ -3,7 +3,9 @@
 Two heads share one image and one text encoder:
 
 - **ITC** (the dual encoder): image = mean of the projected region states → Linear; text = mean of
-  the projected GRU word states over real tokens → Linear; symmetric multi-positive InfoNCE with a
+  the projected word states over real tokens → Linear (word states: the GRU's, or with
+  ``word_features="minilm"`` frozen all-MiniLM-L6-v2 token states, [CLS]/[SEP] kept, from the
+  prefix cache; see :mod:`itrkit.models.fusion_base`); symmetric multi-positive InfoNCE with a
   learnable clamped temperature (docs/method.md §1 ``info_nce``).
 - **ITM** (the fusion head): ``layers`` pre-LN blocks in which the caption's word states attend to
   themselves (self-attention), then to the image's region states (cross-attention), then an MLP;
@@ -30,7 +32,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from itrkit.errors import ConfigError, DataError
-from itrkit.models.fusion_base import FusionBatch, FusionMatcher
+from itrkit.models.fusion_base import (
+    MINILM_DIM,
+    FusionBatch,
+    FusionMatcher,
+    WordStates,
+    check_word_states,
+    take_word_states,
+    validate_word_features,
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,6 +133,10 @@ class ReRankerOptions:
 
     name: str = "rerank"
     region_dim: int = 1280  # C of the (R, C) region / grid features (set from the grid store)
+    # gru: the text_tower below; minilm: frozen all-MiniLM-L6-v2 token states from the prefix cache
+    # (text_tower unused)
+    word_features: str = "gru"
+    prefix_dtype: str = "float16"  # word_features=minilm: dtype of the cached states (float32: exact to 1e-5)
     text_tower: RNNTowerOptions = field(default_factory=RNNTowerOptions)
     embed_dim: int = 256  # ITC (and USA) embedding size
     width: int = 256  # fusion width (region and word states)
@@ -136,6 +150,7 @@ class ReRankerOptions:
     pair_batch: int = 512  # pairs per ITM forward at inference
 
     def validate(self) -> None:
+        validate_word_features(self.word_features, self.prefix_dtype)
         if min(self.region_dim, self.embed_dim, self.width, self.layers, self.heads) <= 0:
             raise ConfigError("model: region_dim, embed_dim, width, layers and heads must be positive")
         if self.pool not in ("mean", "first"):
@@ -167,10 +182,14 @@ class ReRanker(FusionMatcher):
         o = from_dict(ReRankerOptions, options, prefix="model.")
         self.options = o
         tt = o.text_tower
-        text_tower = RNNTextTower(name=tt.name, tokenizer=tt.tokenizer, embed_dim=tt.embed_dim, hidden=tt.hidden,
-                                  layers=tt.layers, combine=tt.combine, max_length=tt.max_length, seed=tt.seed)
-        self.text_tower = text_tower
-        word_dim = int(text_tower.output_dim)
+        if o.word_features == "gru":
+            text_tower = RNNTextTower(name=tt.name, tokenizer=tt.tokenizer, embed_dim=tt.embed_dim, hidden=tt.hidden,
+                                      layers=tt.layers, combine=tt.combine, max_length=tt.max_length, seed=tt.seed)
+            self.text_tower: RNNTextTower | None = text_tower
+            word_dim = int(text_tower.output_dim)
+        else:  # frozen MiniLM states come with each batch; word_proj is the trainable text side
+            self.text_tower = None
+            word_dim = MINILM_DIM
         self.region_dim, self.width, self.embed_dim = int(o.region_dim), int(o.width), int(o.embed_dim)
         self.pool, self.itm_residual = o.pool, bool(o.itm_residual)
         self.rerank_k, self.pair_batch = int(o.rerank_k), int(o.pair_batch)
@@ -195,7 +214,7 @@ class ReRanker(FusionMatcher):
 
     def tokenize(self, captions: list[str]) -> tuple[Tensor, Tensor]:
         """Captions → (tokens (N, L) int64, lengths (N,)) with the text tower's tokenizer."""
-        out = self.text_tower.prepare(captions)
+        out = self.prepare_texts(captions)
         return out["input_ids"], out["lengths"]
 
     # --- encoders -------------------------------------------------------------------------
@@ -205,15 +224,21 @@ class ReRanker(FusionMatcher):
             raise DataError(f"region features must be (N, R, {self.region_dim}), got shape {tuple(regions.shape)}")
         return self.region_proj(regions.to(self.region_proj[1].weight.dtype))
 
-    def encode_texts(self, tokens: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        """(N, L) tokens → ((N, L', width) word states, lengths), L' = longest real caption."""
+    def encode_texts(self, tokens: Tensor, lengths: Tensor, word_states: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(N, L) tokens → ((N, L', width) word states, lengths), L' = longest real caption.
+
+        ``word_features=minilm``: ``word_states`` (N, ≥ L', 384), the frozen MiniLM token states of
+        the captions, replace the GRU's."""
         lengths = lengths.reshape(-1).long().cpu()
         if tokens.ndim != 2 or len(lengths) != len(tokens):
             raise DataError(f"tokens must be (N, L) with N lengths, got {tuple(tokens.shape)} and {len(lengths)}")
         if len(lengths) and (int(lengths.min()) < 1 or int(lengths.max()) > tokens.shape[1]):
             raise DataError(f"caption lengths must lie in [1, {tokens.shape[1]}]")
         top = int(lengths.max()) if len(lengths) else 0
-        words = self.text_tower.token_features(tokens[:, :top], lengths)
+        if self.text_tower is None:
+            words = check_word_states(word_states, lengths, MINILM_DIM).to(self.word_proj.weight.dtype)
+        else:
+            words = self.text_tower.token_features(tokens[:, :top], lengths)
         return self.word_proj(words), lengths
 
     def embed_images(self, img_state: Tensor) -> Tensor:
@@ -265,7 +290,7 @@ class ReRanker(FusionMatcher):
         ``text_embeds``) and, with USA heads, ``image_uni`` / ``text_uni``. Pair logits of any
         batch pairs come from ``itm_batch_pairs(out, img_idx, txt_idx)``."""
         img_state = self.encode_images(batch.regions)
-        words, lengths = self.encode_texts(batch.tokens, batch.lengths)
+        words, lengths = self.encode_texts(batch.tokens, batch.lengths, batch.word_states)
         v, t = img_state.mean(1), _masked_mean(words, lengths)
         out = {"img_state": img_state, "words": words, "lengths": lengths,
                "image_embeds": self.itc_image(v), "text_embeds": self.itc_text(t)}
@@ -280,8 +305,10 @@ class ReRanker(FusionMatcher):
     # --- retrieval ------------------------------------------------------------------------
     @torch.no_grad()
     def encode_split(self, regions: Tensor, tokens: Tensor, lengths: Tensor, chunk: int = 256,
-                     progress: bool = True) -> dict[str, Tensor]:
-        """Region states, word states, lengths and ITC embeddings of a whole split, in chunks."""
+                     progress: bool = True, word_states: WordStates | None = None) -> dict[str, Tensor]:
+        """Region states, word states, lengths and ITC embeddings of a whole split, in chunks
+        (``word_states``, with ``word_features=minilm``: a tensor aligned with ``tokens`` or a reader
+        of caption rows ``[start, stop)``, called once per chunk)."""
         from tqdm.auto import tqdm
 
         lengths = lengths.reshape(-1).long()
@@ -292,7 +319,9 @@ class ReRanker(FusionMatcher):
             imgs.append(st)
             zi.append(self.embed_images(st))
         for s in tqdm(range(0, len(tokens), chunk), desc="encode captions", leave=False, disable=not progress or None):
-            w, ln = self.encode_texts(tokens[s:s + chunk], lengths[s:s + chunk])
+            ws = take_word_states(word_states, s, s + chunk)
+            w, ln = self.encode_texts(tokens[s:s + chunk], lengths[s:s + chunk],
+                                      None if ws is None else ws.to(tokens.device))
             words.append(F.pad(w, (0, 0, 0, top - w.shape[1])))  # one common length for the split
             zt.append(self.embed_texts(w, ln))
         return {"img_state": torch.cat(imgs), "img_emb": torch.cat(zi), "words": torch.cat(words),

@@ -22,7 +22,9 @@ Per (image, caption) pair the model builds *similarity vectors* instead of a sca
 
 Differences from the paper, all forced by CPU scale or grid inputs: 49 grid cells replace 36
 detector regions; ``embed_dim`` 128 / ``sim_dim`` 64 by default (paper 1024 / 256); no dropout; the
-word vectors come from :class:`~itrkit.models.rnn.RNNTextTower` (word-piece vocabulary). Captions
+word vectors come from :class:`~itrkit.models.rnn.RNNTextTower` (word-piece vocabulary), or with
+``word_features="minilm"`` from frozen all-MiniLM-L6-v2 token states (the cached ``last_hidden_state``,
+[CLS]/[SEP] kept, see :mod:`itrkit.models.fusion_base`) through the trainable ``W_t``. Captions
 are batched with padding, so padded words are masked out of the attention normalisation, of the
 graph's edges and of SAF's weights and BatchNorm statistics (the paper's code loops over captions).
 
@@ -42,7 +44,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from itrkit.errors import ConfigError
-from itrkit.models.fusion_base import FusionBatch, FusionMatcher
+from itrkit.models.fusion_base import (
+    MINILM_DIM,
+    FusionBatch,
+    FusionMatcher,
+    check_word_states,
+    validate_word_features,
+)
 
 KINDS = ("sgr", "saf")
 EPS = 1e-8
@@ -165,6 +173,10 @@ class SGRAFOptions:
     sgr_steps: int = 3
     lam: float = 9.0  # attention smoothing λ
     image_pool: str = "attention"  # attention | mean
+    # gru: the model's own GRU over word pieces (tokenizer, word_dim, word_init, text_hidden, max_words);
+    # minilm: frozen all-MiniLM-L6-v2 token states from the prefix cache (those five keys unused)
+    word_features: str = "gru"
+    prefix_dtype: str = "float16"  # word_features=minilm: dtype of the cached states (float32: exact to 1e-5)
     tokenizer: str = "minilm"
     word_dim: int = 300
     word_init: str = "random"  # random | minilm (all-MiniLM-L6-v2's word-piece embeddings; word_dim 384)
@@ -182,6 +194,7 @@ class SGRAFOptions:
     def validate(self) -> None:
         if self.name not in KINDS:
             raise ConfigError(f"model.name must be sgr or saf, got '{self.name}'")
+        validate_word_features(self.word_features, self.prefix_dtype)
         if self.word_init not in ("random", "minilm"):
             raise ConfigError(f"model.word_init must be random or minilm, got '{self.word_init}'")
         if self.word_init == "minilm" and (self.tokenizer != "minilm" or self.word_dim != 384):
@@ -215,8 +228,12 @@ class SGRAFModel(FusionMatcher):
             self.pool_local = nn.Linear(d, d)
             self.pool_global = nn.Linear(d, d)
             self.pool_score = nn.Linear(d, 1)
-        self.text_tower = self._text_tower(opts)
-        self.txt_fc = nn.Linear(opts.text_hidden, d)
+        if opts.word_features == "gru":
+            self.text_tower = self._text_tower(opts)
+            self.txt_fc = nn.Linear(opts.text_hidden, d)
+        else:  # frozen MiniLM states come with each batch; only W_t trains on the text side
+            self.text_tower = None
+            self.txt_fc = nn.Linear(MINILM_DIM, d)
         self.sim_local = nn.Linear(d, s)
         self.sim_global = nn.Linear(d, s)
         if opts.kind == "sgr":
@@ -272,6 +289,8 @@ class SGRAFModel(FusionMatcher):
 
     # --- text preparation (used by the trainer) ---------------------------------------------------
     def prepare_texts(self, texts: list[str]) -> dict[str, Tensor]:
+        if self.text_tower is None:
+            return super().prepare_texts(texts)  # a one-line error: minilm states come from the cache
         return self.text_tower.prepare(texts)
 
     # --- encoders --------------------------------------------------------------------------------
@@ -290,11 +309,17 @@ class SGRAFModel(FusionMatcher):
             vbar = l2norm(v.mean(dim=1))
         return torch.cat([vbar.unsqueeze(1), v], dim=1)
 
-    def encode_texts(self, tokens: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        """(N, L) word pieces → l2-normalised word vectors (N, L', D), zero at padding; L' = max length."""
+    def encode_texts(self, tokens: Tensor, lengths: Tensor, word_states: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(N, L) word pieces → l2-normalised word vectors (N, L', D), zero at padding; L' = max length.
+
+        ``word_features=minilm``: ``word_states`` (N, ≥ L', 384), the frozen MiniLM token states of
+        the captions, replace the GRU; ``lengths`` are their attention masks' sums."""
         lengths = lengths.long().clamp(min=1)
-        tokens = tokens[:, :int(lengths.max())]
-        h = self.text_tower.token_features(tokens, lengths)
+        if self.text_tower is None:
+            h = check_word_states(word_states, lengths, MINILM_DIM).to(self.txt_fc.weight.dtype)
+        else:
+            tokens = tokens[:, :int(lengths.max())]
+            h = self.text_tower.token_features(tokens, lengths)
         mask = word_mask(lengths, h.shape[1])
         return l2norm(self.txt_fc(h)) * mask.unsqueeze(-1).to(h.dtype), lengths
 
@@ -369,7 +394,7 @@ class SGRAFModel(FusionMatcher):
         global batch's under DDP) into scores. The loss
         (:class:`itrkit.losses.matching.MatchingLoss`) is not the model's."""
         img = self.encode_images(batch.regions)
-        words, lengths = self.encode_texts(batch.tokens, batch.lengths)
+        words, lengths = self.encode_texts(batch.tokens, batch.lengths, batch.word_states)
         return {"img_state": img, "words": words, "lengths": lengths}
 
     def batch_outputs(self, states: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -289,13 +289,17 @@ class FusionTask(TrainingTask):
     caption (B² pairs through the model), so an epoch over all 5 captions of Flickr8k would cost 5×
     as much on CPU. Each epoch therefore visits every training image once, with one of its captions
     drawn at random (seeded by ``(seed, epoch)``); batches hold distinct images.
+
+    With ``model.word_features=minilm`` each split's captions are read as frozen MiniLM token
+    states from the prefix cache under ``cache_dir`` (one entry per set of caption texts, built on
+    the task's device when missing; :func:`itrkit.eval.fusion.caption_states`).
     """
 
     family = "fusion"
 
     def __init__(self, cfg: TrainConfig, dataset: Dataset, world: int = 1,
                  device: torch.device | None = None) -> None:
-        from itrkit.eval.fusion import FusionEvaluator, FusionSplit
+        from itrkit.eval.fusion import FusionEvaluator
         from itrkit.models.registry import build_fusion_model
         from itrkit.teachers.grid import grid_shape, open_grid_store, require_ids
 
@@ -322,13 +326,12 @@ class FusionTask(TrainingTask):
             # Region BatchNorm statistics over the global batch, as in one process (SyncBatchNorm
             # needs CUDA; on gloo/CPU each rank normalises its own slice of the batch).
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        prep = self.model.prepare_texts
         train_ds = _split(dataset, cfg.data.train_split, cfg.data.limit("train"))
         val_ds = _split(dataset, cfg.data.val_split, cfg.data.limit("val"))
         for ds in (train_ds, val_ds):
             require_ids(self.grid, ds.image_ids, source=ds.name)  # names a missing id
-        self.train = FusionSplit(train_ds, self.grid, prep)
-        self.val = FusionSplit(val_ds, self.grid, prep)
+        self.train = self._split_for(self.model, train_ds)
+        self.val = self._split_for(self.model, val_ds)
         if len(self.train) < cfg.batch_size:
             raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {len(self.train)} training images")
         self.loss = self._build_loss()
@@ -343,6 +346,13 @@ class FusionTask(TrainingTask):
             self.train.attach_teachers(img, txt, shuffle_seed=cfg.seed if tc.shuffle else None)
         self.evaluator = FusionEvaluator(self.val, cfg.select_metric)
         self.caps: np.ndarray | None = None
+
+    def _split_for(self, model: nn.Module, ds: Dataset) -> Any:
+        """``ds`` as the model reads it: its own tokens, or the cached MiniLM caption states
+        (built on this task's device when missing; the model may still be on the CPU here)."""
+        from itrkit.eval.fusion import make_split
+
+        return make_split(model, ds, self.grid, self.cfg.cache_dir or None, device=self.device)
 
     def _build_loss(self) -> nn.Module:
         from itrkit.losses import ContrastiveLoss
@@ -460,7 +470,9 @@ class FusionTask(TrainingTask):
 
     def freeze_parts(self) -> dict[str, list[nn.Module]]:
         m = self.model
-        return {"text_tower": [m.text_tower], "towers": [m.text_tower]}
+        # word_features=minilm: the text tower (MiniLM) is outside the model and always frozen.
+        tower = [m.text_tower] if getattr(m, "text_tower", None) is not None else []
+        return {"text_tower": tower, "towers": tower}
 
     def save_model(self, folder: Path, extra: dict[str, Any]) -> None:
         from itrkit.models.io import save_fusion_model
@@ -468,7 +480,7 @@ class FusionTask(TrainingTask):
         save_fusion_model(self.model, folder, extra=extra)
 
     def test(self, run_dir: Path, progress: bool) -> dict[str, Any]:
-        from itrkit.eval.fusion import FusionSplit, save_scores, split_metrics
+        from itrkit.eval.fusion import save_scores, split_metrics
         from itrkit.models.io import load_fusion_model
         from itrkit.teachers.grid import require_ids
 
@@ -483,7 +495,7 @@ class FusionTask(TrainingTask):
             return {}
         t0 = time.perf_counter()
         require_ids(self.grid, test_ds.image_ids, source=test_ds.name)
-        test = FusionSplit(test_ds, self.grid, model.prepare_texts)
+        test = self._split_for(model, test_ds)
         metrics, scores = split_metrics(model, test, progress=progress)
         if scores is not None:  # kept for ensembles (SGRAF = mean of SGR's and SAF's scores)
             save_scores(scores, run_dir / f"scores_{cfg.data.test_split}.safetensors", test_ds,
