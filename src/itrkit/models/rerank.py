@@ -36,6 +36,7 @@ from itrkit.models.fusion_base import (
     MINILM_DIM,
     FusionBatch,
     FusionMatcher,
+    MiniLMTop,
     WordStates,
     check_word_states,
     take_word_states,
@@ -137,6 +138,7 @@ class ReRankerOptions:
     # (text_tower unused)
     word_features: str = "gru"
     prefix_dtype: str = "float16"  # word_features=minilm: dtype of the cached states (float32: exact to 1e-5)
+    text_trainable: str = "frozen"  # word_features=minilm: frozen | top:N (MiniLM's last N layers train)
     text_tower: RNNTowerOptions = field(default_factory=RNNTowerOptions)
     embed_dim: int = 256  # ITC (and USA) embedding size
     width: int = 256  # fusion width (region and word states)
@@ -150,7 +152,7 @@ class ReRankerOptions:
     pair_batch: int = 512  # pairs per ITM forward at inference
 
     def validate(self) -> None:
-        validate_word_features(self.word_features, self.prefix_dtype)
+        validate_word_features(self.word_features, self.prefix_dtype, self.text_trainable)
         if min(self.region_dim, self.embed_dim, self.width, self.layers, self.heads) <= 0:
             raise ConfigError("model: region_dim, embed_dim, width, layers and heads must be positive")
         if self.pool not in ("mean", "first"):
@@ -185,10 +187,10 @@ class ReRanker(FusionMatcher):
         if o.word_features == "gru":
             text_tower = RNNTextTower(name=tt.name, tokenizer=tt.tokenizer, embed_dim=tt.embed_dim, hidden=tt.hidden,
                                       layers=tt.layers, combine=tt.combine, max_length=tt.max_length, seed=tt.seed)
-            self.text_tower: RNNTextTower | None = text_tower
+            self.text_tower: nn.Module | None = text_tower
             word_dim = int(text_tower.output_dim)
-        else:  # frozen MiniLM states come with each batch; word_proj is the trainable text side
-            self.text_tower = None
+        else:  # cached MiniLM states come with each batch; word_proj (and top:N layers) train on the text side
+            self.text_tower = None if o.text_trainable == "frozen" else MiniLMTop(int(o.text_trainable[4:]))
             word_dim = MINILM_DIM
         self.region_dim, self.width, self.embed_dim = int(o.region_dim), int(o.width), int(o.embed_dim)
         self.pool, self.itm_residual = o.pool, bool(o.itm_residual)
@@ -235,8 +237,10 @@ class ReRanker(FusionMatcher):
         if len(lengths) and (int(lengths.min()) < 1 or int(lengths.max()) > tokens.shape[1]):
             raise DataError(f"caption lengths must lie in [1, {tokens.shape[1]}]")
         top = int(lengths.max()) if len(lengths) else 0
-        if self.text_tower is None:
+        if self.uses_word_states:
             words = check_word_states(word_states, lengths, MINILM_DIM).to(self.word_proj.weight.dtype)
+            if self.text_tower is not None:  # text_trainable=top:N: MiniLM's last layers over the cached prefix
+                words = self.text_tower(words, lengths)
         else:
             words = self.text_tower.token_features(tokens[:, :top], lengths)
         return self.word_proj(words), lengths

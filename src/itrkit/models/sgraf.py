@@ -48,6 +48,7 @@ from itrkit.models.fusion_base import (
     MINILM_DIM,
     FusionBatch,
     FusionMatcher,
+    MiniLMTop,
     check_word_states,
     validate_word_features,
 )
@@ -177,6 +178,7 @@ class SGRAFOptions:
     # minilm: frozen all-MiniLM-L6-v2 token states from the prefix cache (those five keys unused)
     word_features: str = "gru"
     prefix_dtype: str = "float16"  # word_features=minilm: dtype of the cached states (float32: exact to 1e-5)
+    text_trainable: str = "frozen"  # word_features=minilm: frozen | top:N (MiniLM's last N layers train)
     tokenizer: str = "minilm"
     word_dim: int = 300
     word_init: str = "random"  # random | minilm (all-MiniLM-L6-v2's word-piece embeddings; word_dim 384)
@@ -194,7 +196,7 @@ class SGRAFOptions:
     def validate(self) -> None:
         if self.name not in KINDS:
             raise ConfigError(f"model.name must be sgr or saf, got '{self.name}'")
-        validate_word_features(self.word_features, self.prefix_dtype)
+        validate_word_features(self.word_features, self.prefix_dtype, self.text_trainable)
         if self.word_init not in ("random", "minilm"):
             raise ConfigError(f"model.word_init must be random or minilm, got '{self.word_init}'")
         if self.word_init == "minilm" and (self.tokenizer != "minilm" or self.word_dim != 384):
@@ -231,8 +233,8 @@ class SGRAFModel(FusionMatcher):
         if opts.word_features == "gru":
             self.text_tower = self._text_tower(opts)
             self.txt_fc = nn.Linear(opts.text_hidden, d)
-        else:  # frozen MiniLM states come with each batch; only W_t trains on the text side
-            self.text_tower = None
+        else:  # cached MiniLM states come with each batch; W_t (and top:N layers) train on the text side
+            self.text_tower = None if opts.text_trainable == "frozen" else MiniLMTop(int(opts.text_trainable[4:]))
             self.txt_fc = nn.Linear(MINILM_DIM, d)
         self.sim_local = nn.Linear(d, s)
         self.sim_global = nn.Linear(d, s)
@@ -289,7 +291,7 @@ class SGRAFModel(FusionMatcher):
 
     # --- text preparation (used by the trainer) ---------------------------------------------------
     def prepare_texts(self, texts: list[str]) -> dict[str, Tensor]:
-        if self.text_tower is None:
+        if self.uses_word_states:
             return super().prepare_texts(texts)  # a one-line error: minilm states come from the cache
         return self.text_tower.prepare(texts)
 
@@ -315,8 +317,10 @@ class SGRAFModel(FusionMatcher):
         ``word_features=minilm``: ``word_states`` (N, ≥ L', 384), the frozen MiniLM token states of
         the captions, replace the GRU; ``lengths`` are their attention masks' sums."""
         lengths = lengths.long().clamp(min=1)
-        if self.text_tower is None:
+        if self.uses_word_states:
             h = check_word_states(word_states, lengths, MINILM_DIM).to(self.txt_fc.weight.dtype)
+            if self.text_tower is not None:  # text_trainable=top:N: MiniLM's last layers over the cached prefix
+                h = self.text_tower(h, lengths)
         else:
             tokens = tokens[:, :int(lengths.max())]
             h = self.text_tower.token_features(tokens, lengths)

@@ -396,6 +396,12 @@ class FusionTask(TrainingTask):
         if callable(set_epoch):
             set_epoch(epoch)
 
+    def iterate(self, idxs: list[np.ndarray], num_workers: int) -> Any:
+        # Cached caption states are a few positioned reads per batch, and their open file
+        # descriptors do not survive a spawned worker: read them in this process, as cached
+        # dual-encoder features are.
+        return super().iterate(idxs, 0 if self.train.word_states is not None else num_workers)
+
     def make_batch(self, idx: np.ndarray) -> Any:
         assert self.caps is not None
         return self.train.batch(idx, self.caps[idx])
