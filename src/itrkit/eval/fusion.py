@@ -11,10 +11,11 @@ Score matrices of a run's test split are cached in the run folder (``scores_<spl
 keyed by data fingerprint, split and grid store) and reused by ensembles.
 
 With ``model.word_features=minilm`` the captions' word features are the frozen all-MiniLM-L6-v2
-token states (``last_hidden_state``, cut ``top:0`` of the prefix cache, :func:`caption_states`):
-computed once per set of caption texts into ``<cache_dir>/prefix/`` (float16 by default,
-``model.prefix_dtype``) and read per batch (training) or per caption chunk (scoring every pair);
-tokens are MiniLM's ids and lengths the sums of the cached attention masks.
+token states (``last_hidden_state``, cut ``top:0`` of the prefix cache, :func:`caption_states`;
+with ``model.text_trainable=top:N`` the states entering MiniLM's last N layers, which the model
+runs): computed once per set of caption texts and cut into ``<cache_dir>/prefix/`` (float16 by
+default, ``model.prefix_dtype``) and read per batch (training) or per caption chunk (scoring every
+pair); tokens are MiniLM's ids and lengths the sums of the cached attention masks.
 """
 
 from __future__ import annotations
