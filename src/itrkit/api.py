@@ -55,7 +55,7 @@ def evaluate(run_or_model: str | Path | Any, data: str | Path | None = None, spl
 
             _full_only(protocol)
             return evaluate_fusion_runs([run], data=data, split=split, grid_store=grid_store,
-                                        max_images=max_images, progress=False, device=device)
+                                        max_images=max_images, progress=False, device=device, cache_dir=cache_dir)
         from itrkit.eval.run import evaluate_run
 
         return evaluate_run(run, data=None if data is None else str(data), split=split, protocol=protocol,
@@ -80,7 +80,7 @@ def evaluate(run_or_model: str | Path | Any, data: str | Path | None = None, spl
         if not grid_store:
             raise ConfigError("itrkit.evaluate(fusion model, data): pass grid_store= (region features of the "
                               "data set, itrkit grid), or evaluate the run folder")
-        return split_metrics(model, open_split(model, ds, grid_store), progress=False)[0]
+        return split_metrics(model, open_split(model, ds, grid_store, cache_dir), progress=False)[0]
     raise ConfigError(f"itrkit.evaluate: {type(model).__name__} is neither a run folder nor an itrkit model")
 
 
