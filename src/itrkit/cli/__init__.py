@@ -76,7 +76,8 @@ def _cmd_eval(a: argparse.Namespace) -> int:
         metrics = evaluate_fusion_runs(runs, data=a.data, split=a.split, grid_store=getattr(a, "grid", None),
                                        max_images=a.max_images, progress=not getattr(a, "quiet", False),
                                        rerank_k=getattr(a, "rerank_k", None), device=a.device,
-                                       cache_dir=getattr(a, "cache", None))
+                                       cache_dir=getattr(a, "cache", None),
+                                       itm_weight=getattr(a, "itm_weight", None))
         name = " + ".join(Path(r).name for r in runs)
         print(format_table({f"{name} ({a.split})": metrics}))
         out = Path(a.json) if a.json else Path(runs[0]) / (f"eval_{a.split}_{a.protocol}" + ("_ensemble" if len(runs) > 1 else "") + ".json")
@@ -166,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--grid", default=None, help="fusion runs: grid store (default: the run's)")
     e.add_argument("--rerank-k", type=int, default=None,
                    help="re-ranker runs: candidates re-scored per query (default: the run's; 0 = dual encoder only)")
+    e.add_argument("--itm-weight", type=float, default=None, metavar="W",
+                   help="re-ranker runs: final score itc + W·itm of the top k (default: the run's; inf = ITM order)")
     e.add_argument("--quiet", action="store_true")
     e.add_argument("--data", help="dataset folder (default: the run's)")
     e.add_argument("--split", default="test")

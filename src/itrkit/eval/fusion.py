@@ -16,11 +16,26 @@ with ``model.text_trainable=top:N`` the states entering MiniLM's last N layers, 
 runs): computed once per set of caption texts and cut into ``<cache_dir>/prefix/`` (float16 by
 default, ``model.prefix_dtype``) and read per batch (training) or per caption chunk (scoring every
 pair); tokens are MiniLM's ids and lengths the sums of the cached attention masks.
+
+**Re-ranker scores and keys.** Each query's top ``rerank_k`` first-stage candidates get
+``s = itc + w · itm`` (``w = model.itm_weight``; itc: the first stage's cosine, the value it
+ranked by; itm: the ITM *logit*). The logit, not log σ(logit): log σ saturates at 0 for every
+confident match, which flattens exactly the top of the list being re-ordered, while the logit
+stays linear in the evidence there (and is, like cosine / τ, a log-odds). ``w = inf`` orders the
+top k by the ITM alone (X2VLM, the default); ``w = 0`` is the first stage's own order. Candidates
+outside the top k keep their first-stage order below. The first stage is the model's own ITC
+head, or with ``model.itc_run`` a trained, frozen itrkit dual encoder (:func:`load_itc_run`;
+its embeddings of a split come from :func:`itrkit.models.embed.embed_dataset`, through the
+feature cache). Metrics: the plain keys (``rsum``, ``i2t_R@1`` …) are the final score's, ``itc_*``
+the first stage alone, and ``itm_only_*`` (when ``w`` is finite) the ITM order within the same
+top k. :func:`choose_rerank` picks ``(rerank_k, itm_weight)`` by dev RSUM.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +77,15 @@ def caption_states(texts: list[str], cache_dir: str | Path | None = None, dtype:
                          batch_size=128, desc="caption states (MiniLM)")
 
 
+@dataclasses.dataclass
+class ReRankBatch(FusionBatch):
+    """A re-ranker's training batch with its rows' first-stage dual-encoder embeddings
+    (``model.itc_run``; L2-normalised, frozen), for mining the ITM's hard negatives."""
+
+    itc_image: torch.Tensor | None = None  # (B, D) the dual encoder's embedding of each row's image
+    itc_text: torch.Tensor | None = None  # (B, D) ... of each row's caption
+
+
 class FusionSplit:
     """One split: grid rows per image, tokenised captions, ``txt2img``; teacher rows when attached.
 
@@ -100,6 +124,19 @@ class FusionSplit:
         self.first_caption = np.concatenate([[0], np.cumsum(counts)[:-1]])
         self.teacher_image: tuple[Any, np.ndarray] | None = None
         self.teacher_text: tuple[Any, np.ndarray] | None = None
+        # (image rows, caption rows) of a frozen first-stage dual encoder (model.itc_run)
+        self.itc_embeds: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def attach_itc(self, image_embeds: Any, text_embeds: Any) -> None:
+        """A first-stage dual encoder's L2-normalised embeddings of this split (rows in split order):
+        they rank the gallery at evaluation and go with each training batch (:class:`ReRankBatch`)."""
+        img = torch.as_tensor(np.asarray(image_embeds, dtype=np.float32))
+        txt = torch.as_tensor(np.asarray(text_embeds, dtype=np.float32))
+        if img.ndim != 2 or txt.ndim != 2 or len(img) != len(self) or len(txt) != len(self.lengths) \
+                or img.shape[1] != txt.shape[1]:
+            raise DataError(f"first-stage embeddings {tuple(img.shape)} / {tuple(txt.shape)} do not fit the "
+                            f"{len(self)} images and {len(self.lengths)} captions of {self.ds.name}")
+        self.itc_embeds = (img, txt)
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -151,6 +188,10 @@ class FusionSplit:
         if self.teacher_image is not None and self.teacher_text is not None:
             b.t_img = self.teacher_image[0].rows(self.teacher_image[1][img_idx])
             b.t_txt = self.teacher_text[0].rows(self.teacher_text[1][cap_idx])
+        if self.itc_embeds is not None:
+            fields = {f.name: getattr(b, f.name) for f in dataclasses.fields(FusionBatch)}
+            b = ReRankBatch(**fields, itc_image=self.itc_embeds[0][np.asarray(img_idx)],
+                            itc_text=self.itc_embeds[1][np.asarray(cap_idx)])
         return b
 
 
@@ -175,43 +216,164 @@ def is_reranker(model: Any) -> bool:
     return callable(getattr(model, "pair_scorer", None)) and callable(getattr(model, "encode_split", None))
 
 
+class _PairMemo:
+    """A pair scorer that scores each (image, caption) pair once and then answers from memory, so
+    the ITM-only, combined and dev-grid orderings of one split share one ITM pass. A batch with no
+    known pair is passed through unchanged (the scores are those of a plain call)."""
+
+    def __init__(self, score_pairs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], n_txt: int) -> None:
+        self.score_pairs, self.n_txt = score_pairs, int(n_txt)
+        self.known: dict[int, float] = {}
+
+    def __call__(self, img_idx: torch.Tensor, txt_idx: torch.Tensor) -> torch.Tensor:
+        keys = (img_idx.long() * self.n_txt + txt_idx.long()).tolist()
+        miss = [p for p, key in enumerate(keys) if key not in self.known]
+        if miss:
+            sel = slice(None) if len(miss) == len(keys) else torch.tensor(miss)
+            got = torch.as_tensor(self.score_pairs(img_idx[sel], txt_idx[sel])).detach().reshape(-1)
+            if got.numel() != len(miss):
+                raise ValueError(f"score_pairs returned {got.numel()} scores for {len(miss)} pairs")
+            for p, v in zip(miss, got.to(torch.float64).cpu().tolist()):
+                self.known[keys[p]] = v
+        return torch.tensor([self.known[key] for key in keys], dtype=torch.float64)
+
+
+def _final_score_rerank(memos: dict[str, _PairMemo], k: int, itm_weight: float, batch_size: int,
+                        progress: bool) -> Any:
+    """The ``rerank`` callback of :func:`evaluate_retrieval` for ``s = itc + w · itm`` on each query's
+    top ``k`` (``w = inf``: ITM alone); itc is the block's own first-stage score of the pair, so
+    ``w = 0`` reproduces the first-stage order exactly."""
+
+    def rerank(scores: torch.Tensor, rows: torch.Tensor, direction: str) -> torch.Tensor:
+        itm = memos[direction]
+        if math.isinf(itm_weight):
+            score_pairs = itm
+        else:
+            pos = {int(q): r for r, q in enumerate(rows.reshape(-1).tolist())}
+
+            def score_pairs(img_idx: torch.Tensor, txt_idx: torch.Tensor) -> torch.Tensor:
+                q, c = (img_idx, txt_idx) if direction == "i2t" else (txt_idx, img_idx)
+                r = torch.tensor([pos[int(x)] for x in q.tolist()], dtype=torch.long)
+                return scores[r, c.long()].to(torch.float64) + itm_weight * itm(img_idx, txt_idx)
+
+        return make_rerank(score_pairs, k, batch_size=batch_size, progress=progress)(scores, rows, direction)
+
+    return rerank
+
+
+class _Encoded:
+    """One encoding of a split for re-ranking: first-stage embeddings + the ITM's memoised pair scorer."""
+
+    def __init__(self, model: Any, regions: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
+                 word_states: Any, first_stage: tuple[Any, Any] | None, progress: bool) -> None:
+        regions, tokens, lengths = move_to((regions, tokens, lengths), model_device(model), non_blocking=True)
+        enc = model.encode_split(regions, tokens, lengths, progress=progress, word_states=word_states)
+        if first_stage is None:
+            self.img_emb, self.txt_emb = enc["img_emb"], enc["txt_emb"]
+        else:
+            self.img_emb, self.txt_emb = (torch.as_tensor(x).float().cpu() for x in first_stage)
+            if len(self.img_emb) != len(regions) or len(self.txt_emb) != len(tokens):
+                raise DataError(f"first-stage embeddings of {len(self.img_emb)} images / {len(self.txt_emb)} "
+                                f"captions for a split of {len(regions)} / {len(tokens)}")
+        scorer = model.pair_scorer(enc["img_state"], enc["words"], enc["lengths"])
+        # One memory per direction: each direction's pairs are scored in the batches a plain
+        # re-ranking would use (bit for bit the same scores), later orderings reuse them.
+        self.memos = {d: _PairMemo(scorer, len(tokens)) for d in ("i2t", "t2i")}
+
+    def metrics(self, txt2img: Any, k: int, itm_weight: float, batch_size: int, chunk_size: int,
+                progress: bool) -> dict[str, float]:
+        rerank = None if k == 0 else _final_score_rerank(self.memos, k, itm_weight, batch_size, progress)
+        return evaluate_retrieval(self.img_emb, self.txt_emb, txt2img, chunk_size, rerank=rerank)
+
+
 @torch.no_grad()
 def evaluate_reranker(model: Any, regions: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, txt2img: Any,
                       progress: bool = True, rerank_k: int | None = None, itc: bool = True,
-                      chunk_size: int = 1024, word_states: Any = None) -> dict[str, dict[str, float]]:
-    """``{"itc": metrics before re-ranking, "rerank": after}`` from one encoding of the split:
-    ITC embeddings rank the whole gallery, the ITM head re-scores each query's top ``rerank_k``
-    (default the model's; 0 = the dual encoder alone). ``word_states``: the captions' MiniLM states
-    (``word_features=minilm``; a tensor or a reader of rows ``[start, stop)``)."""
+                      chunk_size: int = 1024, word_states: Any = None, itm_weight: float | None = None,
+                      first_stage: tuple[Any, Any] | None = None) -> dict[str, dict[str, float]]:
+    """``{"itc": metrics of the first stage, "rerank": of the final score s = itc + w · itm,
+    "itm_only": of the ITM order (only when w is finite)}`` from one encoding of the split: the
+    first stage ranks the whole gallery, each query's top ``rerank_k`` (default the model's; 0 =
+    the first stage alone) is re-scored (see the module doc). ``itm_weight``: w (default the
+    model's). ``first_stage``: (image, caption) embeddings of a frozen dual encoder
+    (``model.itc_run``) instead of the model's own ITC head. ``word_states``: the captions' MiniLM
+    states (``word_features=minilm``; a tensor or a reader of rows ``[start, stop)``)."""
     k = model.rerank_k if rerank_k is None else int(rerank_k)
-    regions, tokens, lengths = move_to((regions, tokens, lengths), model_device(model), non_blocking=True)
+    w = float(getattr(model, "itm_weight", math.inf) if itm_weight is None else itm_weight)
+    if k < 0 or not w >= 0:
+        raise ConfigError(f"rerank_k must be >= 0 and itm_weight >= 0, got {k} and {w}")
     was = model.training
     model.eval()
     try:
-        enc = model.encode_split(regions, tokens, lengths, progress=progress, word_states=word_states)
+        enc = _Encoded(model, regions, tokens, lengths, word_states, first_stage, progress)
         out: dict[str, dict[str, float]] = {}
         if itc or k == 0:
-            out["itc"] = evaluate_retrieval(enc["img_emb"], enc["txt_emb"], txt2img, chunk_size)
-        if k == 0:
-            out["rerank"] = out["itc"]
-        else:
-            cb = make_rerank(model.pair_scorer(enc["img_state"], enc["words"], enc["lengths"]), k,
-                             batch_size=model.pair_batch, progress=progress)
-            out["rerank"] = evaluate_retrieval(enc["img_emb"], enc["txt_emb"], txt2img, chunk_size, rerank=cb)
+            out["itc"] = enc.metrics(txt2img, 0, w, model.pair_batch, chunk_size, progress)
+        out["rerank"] = out["itc"] if k == 0 else enc.metrics(txt2img, k, w, model.pair_batch, chunk_size, progress)
+        if k and not math.isinf(w):
+            out["itm_only"] = enc.metrics(txt2img, k, math.inf, model.pair_batch, chunk_size, progress)
     finally:
         model.train(was)
     return out
 
 
-def split_metrics(model: FusionMatcher, split: FusionSplit, progress: bool = True,
-                  rerank_k: int | None = None) -> tuple[dict[str, float], torch.Tensor | None]:
+RERANK_KS = (8, 16, 32)
+ITM_WEIGHTS = (0.0, 0.1, 0.3, 1.0, 3.0, math.inf)
+
+
+@torch.no_grad()
+def choose_rerank(model: Any, split: FusionSplit, ks: Sequence[int] = RERANK_KS,
+                  weights: Sequence[float] = ITM_WEIGHTS, metric: str = "rsum",
+                  progress: bool = True) -> dict[str, Any]:
+    """The ``(rerank_k, itm_weight)`` of the grid ``ks × weights`` with the best ``metric`` on
+    ``split`` (a dev split: never the test split), first in grid order on ties; ``w = inf`` is the
+    ITM order within the top k. One encoding and one ITM pass (the largest k's candidates) serve
+    the whole grid. Returns ``{"rerank_k", "itm_weight", metric, "grid": [{"rerank_k",
+    "itm_weight", metric}, …]}``; the model is left unchanged (:meth:`ReRanker.set_rerank` applies it)."""
+    from itrkit.eval.evaluators import greater_is_better
+
+    if not ks or not weights:
+        raise ConfigError("choose_rerank needs at least one k and one weight")
+    if any(int(k) < 1 for k in ks) or any(not float(w) >= 0 for w in weights):
+        raise ConfigError(f"choose_rerank: k must be >= 1 and weights >= 0, got {list(ks)} and {list(weights)}")
+    was = model.training
+    model.eval()
+    try:
+        enc = _Encoded(model, split.regions(np.arange(len(split))), split.tokens, split.lengths,
+                       split.word_reader(), split.itc_embeds, progress)
+        # The largest k first: its candidates contain every smaller k's, so the ITM runs once.
+        big = max(int(k) for k in ks)
+        enc.metrics(split.txt2img, big, math.inf, model.pair_batch, 1024, progress)
+        grid = []
+        for k in ks:
+            for w in weights:
+                m = enc.metrics(split.txt2img, int(k), float(w), model.pair_batch, 1024, progress)
+                if metric not in m:
+                    raise ConfigError(f"choose_rerank: '{metric}' is not a metric (e.g. rsum)")
+                grid.append({"rerank_k": int(k), "itm_weight": float(w), metric: m[metric]})
+    finally:
+        model.train(was)
+    up = greater_is_better(metric)
+    best = grid[0]
+    for g in grid[1:]:
+        if (g[metric] > best[metric]) if up else (g[metric] < best[metric]):
+            best = g
+    return {**best, "grid": grid}
+
+
+def split_metrics(model: FusionMatcher, split: FusionSplit, progress: bool = True, rerank_k: int | None = None,
+                  itm_weight: float | None = None) -> tuple[dict[str, float], torch.Tensor | None]:
     """Retrieval metrics (docs/method.md §4) of a split, and its full score matrix when the model
-    scores every pair. A re-ranker is evaluated by its own protocol, with the dual encoder's own
-    metrics beside as ``itc_*`` keys."""
+    scores every pair. A re-ranker is evaluated by its own protocol (first stage: the split's
+    attached dual encoder when it has one, else the model's ITC head), with the first stage's own
+    metrics beside as ``itc_*`` keys and, for a finite ``itm_weight``, the ITM order as ``itm_only_*``."""
     if is_reranker(model):
         r = evaluate_reranker(model, split.regions(np.arange(len(split))), split.tokens, split.lengths, split.txt2img,
-                              progress=progress, rerank_k=rerank_k, word_states=split.word_reader())
-        return {**r["rerank"], **{f"itc_{k}": v for k, v in r["itc"].items()}}, None
+                              progress=progress, rerank_k=rerank_k, word_states=split.word_reader(),
+                              itm_weight=itm_weight, first_stage=split.itc_embeds)
+        out = {**r["rerank"], **{f"itc_{k}": v for k, v in r["itc"].items()}}
+        out.update({f"itm_only_{k}": v for k, v in r.get("itm_only", {}).items()})
+        return out, None
     scores = split_scores(model, split, progress=progress)
     return metrics_from_scores(scores, split.txt2img), scores
 
@@ -279,32 +441,98 @@ def _run_cache_dir(run: Path, cache_dir: str | Path | None) -> str | Path | None
 
 
 def _run_inputs(run: Path, data: str | Path | None, split: str, grid_store: str | None,
-                max_images: int) -> tuple[Dataset, str]:
+                max_images: int) -> tuple[Dataset, str, Dataset]:
+    """(the split to evaluate, the grid store, the whole dataset)."""
     cfg = _run_config(run)
     cdata = cfg.get("data") or {}
     data = data or cdata.get("path")
     grid_store = grid_store or cdata.get("grid_store")
     if not data or not grid_store:
         raise ConfigError(f"{run}: give --data and --grid (the run has no config.yaml naming them)")
-    return Dataset.load(data).split(split).subset(max_images or None), str(grid_store)
+    full = Dataset.load(data)
+    return full.split(split).subset(max_images or None), str(grid_store), full
+
+
+def itc_run_of(model: Any) -> str:
+    """The first-stage dual-encoder run of a re-ranker (``model.itc_run``), "" for none."""
+    return str(getattr(getattr(model, "options", None), "itc_run", "") or "")
+
+
+def load_itc_run(run: str | Path, dataset: Dataset) -> Any:
+    """The frozen first-stage :class:`~itrkit.models.dual_encoder.DualEncoder` of ``model.itc_run``,
+    checked to be a dual-encoder run trained on ``dataset`` (the whole dataset: same records,
+    captions and image files, so its training split is the re-ranker's and the test split unseen);
+    anything else is a one-line :class:`ConfigError` naming the folder."""
+    from itrkit.errors import ItrkitError
+    from itrkit.models.io import is_fusion_run, load_model
+
+    folder = Path(run)
+    if not folder.is_dir():
+        raise ConfigError(f"model.itc_run: no run folder at {run}")
+    try:
+        fusion = is_fusion_run(folder)
+    except ItrkitError:
+        raise ConfigError(f"model.itc_run: {run} holds no trained model (model/model.json)") from None
+    if fusion:
+        raise ConfigError(f"model.itc_run: {run} is a fusion run; the first stage must be a dual-encoder run "
+                          "(itrkit train --config infonce …)")
+    data_path = (_run_config(folder).get("data") or {}).get("path")
+    if not data_path:
+        raise ConfigError(f"model.itc_run: {run} has no config.yaml naming its data.path")
+    try:
+        theirs = Dataset.load(data_path).fingerprint()
+    except ItrkitError:
+        raise ConfigError(f"model.itc_run: {run} was trained on {data_path}, which cannot be read") from None
+    if theirs != dataset.fingerprint():
+        raise ConfigError(f"model.itc_run: {run} was trained on other data ({data_path}), not {dataset.name}")
+    try:
+        return load_model(folder)
+    except ItrkitError as e:
+        raise ConfigError(f"model.itc_run: {e}") from None
+
+
+def attach_itc_run(split: FusionSplit, itc_model: Any, cache_dir: str | Path | None = None,
+                   device: torch.device | str | None = None) -> FusionSplit:
+    """The frozen dual encoder's L2-normalised embeddings of ``split`` (through the feature cache,
+    :func:`itrkit.models.embed.embed_dataset`), attached to the split; embedded on ``device``."""
+    from itrkit.models.embed import embed_dataset
+
+    if device is not None:
+        itc_model.to(device)
+    itc_model.eval()
+    with torch.no_grad():
+        emb = embed_dataset(itc_model, split.ds, cache_dir)
+    split.attach_itc(emb["image_embeds"], emb["text_embeds"])
+    return split
 
 
 def make_split(model: FusionMatcher, ds: Dataset, grid: Any, cache_dir: str | Path | None = None,
-               device: torch.device | str | None = None) -> FusionSplit:
+               device: torch.device | str | None = None, itc_model: Any = None) -> FusionSplit:
     """``ds`` as ``model`` reads it: its own tokens, or (``word_features=minilm``) the captions'
-    cached MiniLM states, computed when missing on ``device`` (default the model's)."""
+    cached MiniLM states, computed when missing on ``device`` (default the model's); with
+    ``itc_model`` (the re-ranker's frozen first stage, :func:`load_itc_run`) its embeddings attached."""
+    dev = model_device(model) if device is None else device
     if getattr(model, "uses_word_states", False):
-        dev = model_device(model) if device is None else device
         states = caption_states(ds.texts, cache_dir, model.options.prefix_dtype, device=dev,
                                 text_trainable=model.options.text_trainable)
-        return FusionSplit(ds, grid, None, word_states=states)
-    return FusionSplit(ds, grid, model.prepare_texts)
+        split = FusionSplit(ds, grid, None, word_states=states)
+    else:
+        split = FusionSplit(ds, grid, model.prepare_texts)
+    if itc_model is not None:
+        attach_itc_run(split, itc_model, cache_dir, dev)
+    return split
 
 
-def open_split(model: FusionMatcher, ds: Dataset, grid_store: str, cache_dir: str | Path | None = None) -> FusionSplit:
+def open_split(model: FusionMatcher, ds: Dataset, grid_store: str, cache_dir: str | Path | None = None,
+               dataset: Dataset | None = None) -> FusionSplit:
+    """``ds`` (a split of ``dataset``) with its grid rows; a re-ranker with ``model.itc_run`` gets its
+    first stage's embeddings (the run checked against ``dataset``)."""
     from itrkit.teachers.grid import open_grid_store
 
-    return make_split(model, ds, open_grid_store(grid_store, ds.image_ids, source=ds.name), cache_dir)
+    run = itc_run_of(model)
+    itc_model = load_itc_run(run, dataset if dataset is not None else ds) if run else None
+    return make_split(model, ds, open_grid_store(grid_store, ds.image_ids, source=ds.name), cache_dir,
+                      itc_model=itc_model)
 
 
 def run_scores(run: str | Path, data: str | Path | None = None, split: str = "test", grid_store: str | None = None,
@@ -315,7 +543,7 @@ def run_scores(run: str | Path, data: str | Path | None = None, split: str = "te
     from itrkit.models.io import load_fusion_model
 
     run = Path(run)
-    ds, grid_store = _run_inputs(run, data, split, grid_store, max_images)
+    ds, grid_store, _ = _run_inputs(run, data, split, grid_store, max_images)
     path = run / f"scores_{split}.safetensors"
     cached = load_scores(path, ds, split, grid_store)
     if cached is not None:
@@ -332,11 +560,13 @@ def run_scores(run: str | Path, data: str | Path | None = None, split: str = "te
 def evaluate_fusion_runs(runs: list[str | Path], data: str | Path | None = None, split: str = "test",
                          grid_store: str | None = None, max_images: int = 0, progress: bool = True,
                          rerank_k: int | None = None, device: str | torch.device = "auto",
-                         cache_dir: str | Path | None = None) -> dict[str, float]:
+                         cache_dir: str | Path | None = None, itm_weight: float | None = None) -> dict[str, float]:
     """Metrics of one fusion run, or of the mean score matrix of several (SGRAF = SGR + SAF).
 
     A re-ranker run is evaluated alone by its protocol (``rerank_k``: candidates re-scored per
-    query, default the run's own; 0 = its dual encoder alone), with the ``itc_*`` metrics beside.
+    query, default the run's own; 0 = its first stage alone; ``itm_weight``: w of the final score
+    ``itc + w · itm``, default the run's own), with the ``itc_*`` (and, w finite, ``itm_only_*``)
+    metrics beside; with ``model.itc_run`` the first stage is that dual-encoder run.
     ``cache_dir``: where MiniLM caption states are cached (``word_features=minilm``; default each
     run's own ``cache_dir``, else the default cache).
     """
@@ -349,9 +579,9 @@ def evaluate_fusion_runs(runs: list[str | Path], data: str | Path | None = None,
         model, _ = load_fusion_model(Path(runs[0]))
         if is_reranker(model):
             model.to(device)
-            ds, grid = _run_inputs(Path(runs[0]), data, split, grid_store, max_images)
-            fsplit = open_split(model, ds, grid, _run_cache_dir(Path(runs[0]), cache_dir))
-            return split_metrics(model, fsplit, progress=progress, rerank_k=rerank_k)[0]
+            ds, grid, full = _run_inputs(Path(runs[0]), data, split, grid_store, max_images)
+            fsplit = open_split(model, ds, grid, _run_cache_dir(Path(runs[0]), cache_dir), dataset=full)
+            return split_metrics(model, fsplit, progress=progress, rerank_k=rerank_k, itm_weight=itm_weight)[0]
     mats, t2i = [], None
     for r in runs:
         s, t2i = run_scores(r, data, split, grid_store, max_images, progress, device=device, cache_dir=cache_dir)

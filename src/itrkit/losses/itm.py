@@ -13,6 +13,12 @@ anchor's own::
 
 ``p[i, j] / p[i, i] = exp((T_ij − T_ii) / τ_s)`` (a softmax row shares its normaliser), so
 ``y ∈ (0, s]``: ``s`` for a pair the teacher cannot tell from the anchor, → 0 for an unrelated one.
+
+A re-ranker on top of a trained, frozen dual encoder (``model.itc_run``) mines with
+:func:`hardest_negatives` instead: for each row the single most similar non-positive under the
+dual encoder's cosine (argmax, ties by the lower index), the negatives its ranking puts highest and
+the re-ranker must therefore learn to push down. Both miners return the same ``(neg_txt, neg_img)``
+layout, so :func:`mined_pairs` and the ITM loss are shared.
 """
 
 from __future__ import annotations
@@ -46,6 +52,36 @@ def sample_hard_negatives(sim: Tensor, img_ids: Tensor, generator: torch.Generat
     neg = ids[:, None] != ids[None, :]
     s = sim.detach().to(torch.float64)
     return _inverse_cdf(s, neg, u[0]), _inverse_cdf(s.T, neg.T, u[1])
+
+
+@torch.no_grad()
+def hardest_negatives(sim: Tensor, img_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """The most similar in-batch negative of each image row and each caption row.
+
+    ``sim`` (B, B): image row i × caption row j similarity. Image row i takes
+    ``argmax_j sim[i, j]`` over ``j`` with ``img_ids[j] ≠ img_ids[i]`` (never a caption of its own
+    image), caption row j takes ``argmax_i sim[i, j]`` over ``i`` with a different id; ties go to
+    the lower index. Returns ``(neg_txt, neg_img)``, each (B,) int64, ``-1`` where the row has no
+    negative in the batch (the layout of :func:`sample_hard_negatives`).
+    """
+    b = sim.shape[0]
+    if sim.ndim != 2 or sim.shape[1] != b:
+        raise ItrkitError(f"similarities must be a square B×B matrix, got shape {tuple(sim.shape)}")
+    ids = img_ids.reshape(-1).to(sim.device)
+    if ids.numel() != b:
+        raise ItrkitError(f"img_ids has {ids.numel()} entries but the batch has {b} rows")
+    neg = ids[:, None] != ids[None, :]
+    s = sim.detach().to(torch.float64)
+    return _argmax_allowed(s, neg), _argmax_allowed(s.T, neg.T)
+
+
+def _argmax_allowed(x: Tensor, allowed: Tensor) -> Tensor:
+    """Row-wise index of the largest allowed entry (first one on ties), -1 if none is allowed."""
+    if bool(torch.isnan(x).any()):
+        raise ItrkitError("similarities for hard-negative mining contain NaN")
+    # torch.argmax returns the first maximal index; -inf marks the excluded entries.
+    idx = x.masked_fill(~allowed, float("-inf")).argmax(dim=1)
+    return torch.where(allowed.any(1), idx, torch.full_like(idx, -1))
 
 
 def _inverse_cdf(logits: Tensor, allowed: Tensor, u: Tensor) -> Tensor:

@@ -5,7 +5,8 @@
   hardest negative), ``+ α·CSA`` on the same matrix ``+ β·USA`` on the pooled features.
 - :class:`ReRankLoss` (dual encoder + ITM head, ALBEF / X2VLM; CUSA appendix α=0.3, β=0.75):
   ITC = multi-positive InfoNCE, ITM on in-batch hard negatives (soft targets with CUSA), CSA on
-  the ITC cosine matrix, USA on the USA heads' outputs.
+  the ITC cosine matrix, USA on the USA heads' outputs. With a frozen first-stage dual encoder
+  (the re-ranker's ``model.itc_run``) the negatives are that encoder's hardest in-batch ones.
 
 Both return ``*_loss`` terms (weighted) plus detached diagnostics under other keys.
 """
@@ -22,6 +23,7 @@ from itrkit.errors import ConfigError, DataError
 from itrkit.losses.contrastive import ContrastiveLoss
 from itrkit.losses.functional import triplet_from_scores
 from itrkit.losses.itm import (
+    hardest_negatives,
     itm_bce,
     mined_pairs,
     mining_generator,
@@ -74,6 +76,10 @@ class ReRankLoss(nn.Module):
 
     The hard-negative draw of a step is seeded by ``mining_seed`` and the ``mining_step`` buffer
     (training-mode calls so far; in the state dict, so a resumed run mines the same negatives).
+    ``mining_sim`` (B, B), when given, is a frozen dual encoder's image × caption cosine of the
+    batch: the negatives are then its hardest ones (:func:`itrkit.losses.itm.hardest_negatives`)
+    instead of draws from the model's own ITC softmax. Either way the ITM targets are ALBEF's: the
+    B positives, one negative caption per image and one negative image per caption, one BCE mean.
     """
 
     def __init__(self, contrastive: ContrastiveLoss, itm: float = 1.0, soft_itm: float = 0.0,
@@ -97,7 +103,8 @@ class ReRankLoss(nn.Module):
         return self.soft_itm > 0 or (self.soft is not None and self.soft.active)
 
     def forward(self, out: dict[str, Tensor], img_ids: Tensor, teacher_image: Tensor | None,
-                teacher_text: Tensor | None, itm_pairs: Callable[[Tensor, Tensor], Tensor]) -> dict[str, Tensor]:
+                teacher_text: Tensor | None, itm_pairs: Callable[[Tensor, Tensor], Tensor],
+                mining_sim: Tensor | None = None) -> dict[str, Tensor]:
         ids = img_ids.reshape(-1)
         b = len(ids)
         if b < 2:
@@ -110,9 +117,14 @@ class ReRankLoss(nn.Module):
         step = int(self.mining_step)
         if self.training:
             self.mining_step += 1
-        tau = self.contrastive.tau
-        sim = (F.normalize(zi.detach().float(), dim=1) @ F.normalize(zt.detach().float(), dim=1).T) / float(tau.detach())
-        neg_txt, neg_img = sample_hard_negatives(sim, ids, mining_generator(self.mining_seed, step))
+        if mining_sim is not None:
+            if tuple(mining_sim.shape) != (b, b):
+                raise DataError(f"mining similarities must be {b}×{b} for this batch, got {tuple(mining_sim.shape)}")
+            neg_txt, neg_img = hardest_negatives(mining_sim, ids)
+        else:
+            tau = self.contrastive.tau
+            sim = (F.normalize(zi.detach().float(), dim=1) @ F.normalize(zt.detach().float(), dim=1).T) / float(tau.detach())
+            neg_txt, neg_img = sample_hard_negatives(sim, ids, mining_generator(self.mining_seed, step))
         img_idx, txt_idx, n_neg = mined_pairs(neg_txt, neg_img)
         logits = itm_pairs(img_idx, txt_idx)
         t_img, t_txt = _float32(teacher_image), _float32(teacher_text)

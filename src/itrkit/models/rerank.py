@@ -17,8 +17,15 @@ Training: the model returns the ITC embeddings and pooled states of a batch and 
 negatives, CUSA's CSA / USA / soft ITM targets) is :class:`itrkit.losses.matching.ReRankLoss`.
 
 Retrieval (X2VLM inference): ITC embeddings rank the whole gallery, then each query's top
-``rerank_k`` candidates are re-scored by the ITM head and put, in ITM order, above every other
-candidate, which keep their ITC order (:func:`make_rerank`). ``rerank_k=0`` is the dual encoder.
+``rerank_k`` candidates are re-scored and put, in that order, above every other candidate, which
+keep their ITC order (:func:`itrkit.eval.rerank.make_rerank`). ``rerank_k=0`` is the dual encoder.
+The re-score of a candidate is ``s = itc + itm_weight · itm`` (itc: the first stage's cosine,
+itm: the ITM logit); ``itm_weight=inf`` (the default, X2VLM) orders the top k by ITM alone.
+
+``itc_run`` (a trained itrkit dual-encoder run folder, e.g. ``itrkit train --config infonce``):
+the first stage is that frozen dual encoder instead of the model's own ITC head. Its cosine
+ranks the gallery at evaluation and picks the ITM's hard negatives in training
+(:func:`itrkit.losses.itm.hardest_negatives`); only the re-ranker's own layers train.
 """
 
 from __future__ import annotations
@@ -150,6 +157,10 @@ class ReRankerOptions:
     usa_heads: bool = False  # USA heads on the pooled states (CUSA's USA term)
     rerank_k: int = 16  # candidates re-scored per query at evaluation (0 = ITC only)
     pair_batch: int = 512  # pairs per ITM forward at inference
+    # first stage: "" = the model's own ITC head; a dual-encoder run folder = that frozen model
+    itc_run: str = ""
+    # re-score of the top k = itc cosine + itm_weight · ITM logit; inf = ITM order alone (X2VLM)
+    itm_weight: float = math.inf
 
     def validate(self) -> None:
         validate_word_features(self.word_features, self.prefix_dtype, self.text_trainable)
@@ -163,6 +174,8 @@ class ReRankerOptions:
             raise ConfigError(f"model.width {self.width} is not divisible by model.heads {self.heads}")
         if self.rerank_k < 0 or self.pair_batch < 1:
             raise ConfigError("model.rerank_k must be >= 0 and model.pair_batch >= 1")
+        if not self.itm_weight >= 0:  # also refuses NaN
+            raise ConfigError(f"model.itm_weight must be >= 0 (inf: ITM order alone), got {self.itm_weight}")
 
 
 class ReRanker(FusionMatcher):
@@ -194,7 +207,7 @@ class ReRanker(FusionMatcher):
             word_dim = MINILM_DIM
         self.region_dim, self.width, self.embed_dim = int(o.region_dim), int(o.width), int(o.embed_dim)
         self.pool, self.itm_residual = o.pool, bool(o.itm_residual)
-        self.rerank_k, self.pair_batch = int(o.rerank_k), int(o.pair_batch)
+        self.rerank_k, self.pair_batch, self.itm_weight = int(o.rerank_k), int(o.pair_batch), float(o.itm_weight)
         width, embed_dim = self.width, self.embed_dim
 
         # Raw CNN grid features are large and all positive: normalise before projecting.
@@ -213,6 +226,14 @@ class ReRanker(FusionMatcher):
         if o.usa_heads:
             self.usa_image = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, embed_dim))
             self.usa_text = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, embed_dim))
+
+    def set_rerank(self, rerank_k: int, itm_weight: float) -> None:
+        """Use ``rerank_k`` candidates and ``itm_weight`` from now on (and save them with the model)."""
+        from dataclasses import replace
+
+        self.options = replace(self.options, rerank_k=int(rerank_k), itm_weight=float(itm_weight))
+        self.options.validate()
+        self.rerank_k, self.itm_weight = int(rerank_k), float(itm_weight)
 
     def tokenize(self, captions: list[str]) -> tuple[Tensor, Tensor]:
         """Captions → (tokens (N, L) int64, lengths (N,)) with the text tower's tokenizer."""

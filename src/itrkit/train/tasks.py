@@ -293,6 +293,14 @@ class FusionTask(TrainingTask):
     With ``model.word_features=minilm`` each split's captions are read as frozen MiniLM token
     states from the prefix cache under ``cache_dir`` (one entry per set of caption texts, built on
     the task's device when missing; :func:`itrkit.eval.fusion.caption_states`).
+
+    A re-ranker with ``model.itc_run`` (a trained dual-encoder run on the same data) re-ranks that
+    frozen dual encoder: its embeddings of the training and validation splits are computed once
+    here (feature cache), each batch's ITM hard negatives are its hardest in-batch negatives, and
+    validation ranks with it. At the end :meth:`test` picks ``(rerank_k, itm_weight)`` on the
+    validation split (:func:`itrkit.eval.fusion.choose_rerank`), writes them into the saved model
+    (``model/model.json``, with the dev grid as ``rerank_choice``; also ``rerank_choice.json``)
+    and evaluates the test split with them, as ``itrkit eval --run`` then does.
     """
 
     family = "fusion"
@@ -320,6 +328,16 @@ class FusionTask(TrainingTask):
 
             opts = replace(opts, region_dim=grid_shape(self.grid)[1])
             cfg.model = opts
+        self.itc_model: Any = None
+        if getattr(opts, "itc_run", ""):
+            from dataclasses import replace
+
+            from itrkit.eval.fusion import load_itc_run
+
+            # The saved config and model name the folder absolutely (evaluation from any directory).
+            opts = replace(opts, itc_run=str(Path(opts.itc_run).resolve()))
+            cfg.model = opts
+            self.itc_model = load_itc_run(opts.itc_run, dataset).to(self.device)
         torch.manual_seed(cfg.seed)
         self.model = build_fusion_model(opts)
         if world > 1 and device is not None and torch.device(device).type == "cuda":
@@ -352,7 +370,8 @@ class FusionTask(TrainingTask):
         (built on this task's device when missing; the model may still be on the CPU here)."""
         from itrkit.eval.fusion import make_split
 
-        return make_split(model, ds, self.grid, self.cfg.cache_dir or None, device=self.device)
+        return make_split(model, ds, self.grid, self.cfg.cache_dir or None, device=self.device,
+                          itc_model=self.itc_model)
 
     def _build_loss(self) -> nn.Module:
         from itrkit.losses import ContrastiveLoss
@@ -371,6 +390,9 @@ class FusionTask(TrainingTask):
         if cfg.model.name == "rerank":
             if cfg.uses("triplet") or cfg.uses("instance"):
                 raise ConfigError("the re-ranker trains with loss.contrastive (ITC), loss.itm and CUSA terms only")
+            if not cfg.model.itc_run and not cfg.uses("contrastive"):
+                raise ConfigError("the re-ranker's first stage is its own ITC head, which loss.contrastive=0 leaves "
+                                  "untrained: set model.itc_run=RUN (a trained dual-encoder run) or loss.contrastive > 0")
             itc = ContrastiveLoss(tau=lc.tau, learnable=lc.tau_learnable, tau_min=lc.tau_min, tau_max=lc.tau_max)
             return ReRankLoss(itc, itm=lc.itm, soft_itm=lc.soft_itm, soft_itm_tau=lc.soft_itm_tau,
                               mining_seed=lc.mining_seed, soft=soft)
@@ -429,10 +451,15 @@ class FusionTask(TrainingTask):
         gathered = gather_features(words, *[out[k] for k in keys])
         plain = [out["lengths"].to(words.device), batch.img_ids]
         teachers = [t for t in (batch.t_img, batch.t_txt) if t is not None]
-        got = gather_features(*plain, *teachers, gather_with_grad=False)
+        # the first stage's rows (model.itc_run), so hard negatives are mined over the global batch
+        itc = [t for t in (getattr(batch, "itc_image", None), getattr(batch, "itc_text", None)) if t is not None]
+        got = gather_features(*plain, *teachers, *itc, gather_with_grad=False)
         out = {**out, "words": gathered[0], **dict(zip(keys, gathered[1:])), "lengths": got[0].to(out["lengths"].device)}
         t_img, t_txt = (got[2], got[3]) if teachers else (None, None)
-        return out, dataclasses.replace(batch, img_ids=got[1], t_img=t_img, t_txt=t_txt)
+        extra = {}
+        if itc:
+            extra = {"itc_image": got[2 + len(teachers)], "itc_text": got[3 + len(teachers)]}
+        return out, dataclasses.replace(batch, img_ids=got[1], t_img=t_img, t_txt=t_txt, **extra)
 
     def after_gather(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         batch_outputs = getattr(self.model, "batch_outputs", None)
@@ -440,8 +467,11 @@ class FusionTask(TrainingTask):
 
     def compute(self, out: dict[str, torch.Tensor], batch: Any) -> dict[str, torch.Tensor]:
         if self.cfg.model.name == "rerank":
+            zi, zt = getattr(batch, "itc_image", None), getattr(batch, "itc_text", None)
+            # model.itc_run: hard negatives by the frozen dual encoder's cosine of the batch
+            sim = None if zi is None or zt is None else zi.float() @ zt.float().T
             return self.loss(out, batch.img_ids, batch.t_img, batch.t_txt,
-                             lambda i, t: self.model.itm_batch_pairs(out, i, t))
+                             lambda i, t: self.model.itm_batch_pairs(out, i, t), mining_sim=sim)
         if self.loss.soft is not None and self.loss.soft.active and (batch.t_img is None or batch.t_txt is None):
             raise ConfigError("CUSA terms (loss.csa / loss.usa > 0) need teacher features: "
                               "set teacher.image_store and teacher.text_store")
@@ -491,8 +521,10 @@ class FusionTask(TrainingTask):
         from itrkit.teachers.grid import require_ids
 
         cfg = self.cfg
-        model, _ = load_fusion_model(run_dir)
+        model, meta = load_fusion_model(run_dir)
         model.to(self.device)
+        if self.itc_model is not None:
+            self._choose_rerank(model, meta, run_dir, progress)
         if not cfg.data.test_split:
             return {}
         try:
@@ -507,6 +539,19 @@ class FusionTask(TrainingTask):
             save_scores(scores, run_dir / f"scores_{cfg.data.test_split}.safetensors", test_ds,
                         cfg.data.test_split, cfg.data.grid_store)
         return {"test": metrics, "test_s": round(time.perf_counter() - t0, 2)}
+
+    def _choose_rerank(self, model: Any, meta: dict[str, Any], run_dir: Path, progress: bool) -> None:
+        """Pick (rerank_k, itm_weight) on the validation split and save them with the selected model."""
+        from itrkit.eval.fusion import choose_rerank
+        from itrkit.models.io import save_fusion_model
+        from itrkit.utils.io import atomic_write_json
+
+        choice = choose_rerank(model, self.val, metric=self.cfg.select_metric, progress=progress)
+        choice["split"] = f"{self.cfg.data.val_split} ({len(self.val)} images)"
+        model.set_rerank(choice["rerank_k"], choice["itm_weight"])
+        extra = {k: v for k, v in meta.items() if k not in ("format", "model")}
+        save_fusion_model(model, run_dir / "model", extra={**extra, "rerank_choice": choice})
+        atomic_write_json(run_dir / "rerank_choice.json", choice)
 
 
 TASKS: dict[str, type[TrainingTask]] = {"dual_encoder": DualEncoderTask, "fusion": FusionTask}
