@@ -523,14 +523,14 @@ class FusionTask(TrainingTask):
         cfg = self.cfg
         model, meta = load_fusion_model(run_dir)
         model.to(self.device)
-        if self.itc_model is not None:
-            self._choose_rerank(model, meta, run_dir, progress)
+        # model.itc_run: (rerank_k, itm_weight) chosen on dev before any test metric exists
+        chosen = {} if self.itc_model is None else {"rerank_choice": self._choose_rerank(model, meta, run_dir, progress)}
         if not cfg.data.test_split:
-            return {}
+            return chosen
         try:
             test_ds = _split(self.dataset, cfg.data.test_split, cfg.data.limit("test"))
         except DataError:
-            return {}
+            return chosen
         t0 = time.perf_counter()
         require_ids(self.grid, test_ds.image_ids, source=test_ds.name)
         test = self._split_for(model, test_ds)
@@ -538,9 +538,9 @@ class FusionTask(TrainingTask):
         if scores is not None:  # kept for ensembles (SGRAF = mean of SGR's and SAF's scores)
             save_scores(scores, run_dir / f"scores_{cfg.data.test_split}.safetensors", test_ds,
                         cfg.data.test_split, cfg.data.grid_store)
-        return {"test": metrics, "test_s": round(time.perf_counter() - t0, 2)}
+        return {"test": metrics, "test_s": round(time.perf_counter() - t0, 2), **chosen}
 
-    def _choose_rerank(self, model: Any, meta: dict[str, Any], run_dir: Path, progress: bool) -> None:
+    def _choose_rerank(self, model: Any, meta: dict[str, Any], run_dir: Path, progress: bool) -> dict[str, Any]:
         """Pick (rerank_k, itm_weight) on the validation split and save them with the selected model."""
         from itrkit.eval.fusion import choose_rerank
         from itrkit.models.io import save_fusion_model
@@ -552,6 +552,7 @@ class FusionTask(TrainingTask):
         extra = {k: v for k, v in meta.items() if k not in ("format", "model")}
         save_fusion_model(model, run_dir / "model", extra={**extra, "rerank_choice": choice})
         atomic_write_json(run_dir / "rerank_choice.json", choice)
+        return choice
 
 
 TASKS: dict[str, type[TrainingTask]] = {"dual_encoder": DualEncoderTask, "fusion": FusionTask}
