@@ -66,7 +66,7 @@ def run_setting(name: str, data: Path, cache: Path, batch: int, steps: int) -> d
     from itrkit.data.records import Dataset
     from itrkit.train.config import TrainConfig
     from itrkit.train.tasks import DualEncoderTask
-    from itrkit.train.trainer import TrainModule
+    from itrkit.train.trainer import TrainModule, make_adamw
     from itrkit.utils.device import move_to
 
     over = [f"data.path={data}", f"batch_size={batch}", f"cache_dir={cache}", "loss.tau=0.05", *SETTINGS[name]]
@@ -75,7 +75,7 @@ def run_setting(name: str, data: Path, cache: Path, batch: int, steps: int) -> d
     task.set_weights(task.cfg.weights(task.cfg.stages[0]))
     module = TrainModule(task, gather=False)
     module.train()
-    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
+    opt = make_adamw([{"params": [p for p in module.parameters() if p.requires_grad]}], lr=1e-4)  # the trainer's
     batches = task.epoch_batches(0, 0)
     times = []
     for k in range(steps + 2):  # two warm-up steps

@@ -55,7 +55,7 @@ def _setup(args: argparse.Namespace) -> tuple[Any, dict[str, Any], torch.optim.O
     from itrkit.train.config import TrainConfig
     from itrkit.train.objective import Objective
     from itrkit.train.tasks import DualEncoderTask, TrainingTask
-    from itrkit.train.trainer import TrainModule
+    from itrkit.train.trainer import TrainModule, make_adamw
     from itrkit.utils.device import move_to
 
     class Task(TrainingTask):
@@ -92,7 +92,7 @@ def _setup(args: argparse.Namespace) -> tuple[Any, dict[str, Any], torch.optim.O
              "teacher_image": torch.randn(args.batch, 1280, generator=g),
              "teacher_text": torch.randn(args.batch, 768, generator=g)}
     batch = move_to(batch, device)
-    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
+    opt = make_adamw([{"params": [p for p in module.parameters() if p.requires_grad]}], lr=1e-4)  # the trainer's
     return module, batch, opt
 
 

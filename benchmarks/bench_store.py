@@ -16,6 +16,7 @@ training). Run: ``.venv/bin/python benchmarks/bench_store.py [--quick]``.
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import shutil
 import tempfile
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from itrkit.teachers.store import FeatureStore
+from itrkit.utils.io import atomic_write_text
 
 
 def mem_mb() -> dict[str, float]:
@@ -68,6 +70,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lookups", type=int, default=0, help="lookups per reader (default 2000; quick 500)")
     ap.add_argument("--dir", default=None, help="where to write the stores (default: a temp folder)")
+    ap.add_argument("--json", default="", help="also write the figures (one row per store size) here")
     a = ap.parse_args()
     sizes = [10_000, 100_000] if a.quick else [10_000, 100_000, 1_000_000]
     lookups = a.lookups or (500 if a.quick else 2000)
@@ -118,6 +121,11 @@ def main() -> None:
     for n, lo, dr, lm, dm, anon in rows_out:
         print(f"{n:>9,}  {lo:>15,.0f}  {dr:>+7.0f}  {lm:>16,.0f}  {dm:>+7.0f}  {anon:>10.0f}")
     print(f"peak RSS of the run: {peak_rss_mb():.0f} MB")
+    if a.json:
+        keys = ("n", "store_lookups_per_s", "store_drss_mb", "memmap_lookups_per_s", "memmap_drss_mb", "anon_rss_mb")
+        atomic_write_text(a.json, json.dumps({"rows": [dict(zip(keys, r)) for r in rows_out], "dim": a.dim,
+                                              "batch": a.batch, "lookups": lookups,
+                                              "peak_rss_mb": round(peak_rss_mb(), 1)}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ figure is the median over rounds, ratios are of medians. Peak RSS at the end.
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import statistics
 import sys
@@ -38,7 +39,8 @@ from itrkit.models.dual_encoder import ModelConfig, build_model
 from itrkit.train.config import TrainConfig
 from itrkit.train.data import PairData
 from itrkit.train.objective import Objective
-from itrkit.train.trainer import TrainModule
+from itrkit.train.trainer import TrainModule, make_adamw
+from itrkit.utils.io import atomic_write_text
 
 
 def _peak_rss_mb() -> float:
@@ -61,7 +63,7 @@ def _module(cusa: bool, live: str | None, precision: str = "fp32") -> tuple[Trai
                            compute=lambda out, batch: objective(out, batch))
     module = TrainModule(task, gather=False, precision=precision)
     module.train()
-    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
+    opt = make_adamw([{"params": [p for p in module.parameters() if p.requires_grad]}], lr=1e-4)  # the trainer's
     return module, opt
 
 
@@ -83,6 +85,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     ap.add_argument("--rounds", type=int, default=0)
+    ap.add_argument("--json", default="", help="also write the figures (pairs/s per configuration, ratios) here")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -135,6 +138,13 @@ def main() -> None:
     print(f"  data prep (cache warm) / live top:1    {pps['data: prepare, image cache warm'] / pps['live top:1 trainable']:.1f}")
     print(f"  data prep (no cache) / live top:1      {pps['data: prepare live batch'] / pps['live top:1 trainable']:.1f}")
     print(f"peak RSS {_peak_rss_mb():.0f} MB")
+    if a.json:
+        ratios = {"cusa_over_infonce_cached": pps["cached CUSA"] / pps["cached InfoNCE"],
+                  "live_frozen_over_cached": pps["live frozen towers"] / pps["cached InfoNCE"],
+                  "bf16_over_fp32_live_top1": pps["live top:1 trainable bf16"] / pps["live top:1 trainable"]}
+        atomic_write_text(a.json, json.dumps({"pairs_per_s": pps, "seconds_per_step": med, "ratios": ratios,
+                                              "rounds": rounds, "threads": torch.get_num_threads(),
+                                              "peak_rss_mb": round(_peak_rss_mb(), 1)}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--gpus", type=int, default=8)
     ap.add_argument("--disk-gbs", type=float, default=2.0, help="teacher-store read bandwidth per node, GB/s")
     ap.add_argument("--teacher-dim", type=int, default=49 * 768, help="image-teacher feature size")
+    ap.add_argument("--json", default="", help="also write the figures here")
     a = ap.parse_args()
 
     pairs = COCO_IMAGES * CAPTIONS_PER_IMAGE
@@ -78,6 +79,16 @@ def main() -> None:
           f"{a.gpus} GPUs: {'I/O-bound unless rows are cached in RAM or reduced (itrkit teach --image-reduction mean+pca:256)' if io_sec > 0.5 * epoch_sec else 'hidden behind compute with prefetching'}")
     print(f"assumptions: {a.tflops:.0f} TFLOPS peak × {a.mfu:.0%} utilisation, towers fully trained, "
           "data loading not the bottleneck")
+    if a.json:
+        import json
+        from pathlib import Path
+
+        fig = {"infonce_pflop": base / 1e15, "cusa_extra_pflop": cusa / 1e15, "cusa_overhead_pct": 100 * cusa / base,
+               "gpu_hours": (base + cusa) / rate / 3600, "teacher_read_gb": io_bytes / 1e9, "io_s": io_sec,
+               "epoch_compute_s": epoch_sec, "batch": b, "gpus": a.gpus, "tflops": a.tflops, "mfu": a.mfu}
+        tmp = Path(a.json).with_name(Path(a.json).name + ".tmp")
+        tmp.write_text(json.dumps(fig, indent=1) + "\n")
+        tmp.replace(a.json)
 
 
 if __name__ == "__main__":
