@@ -64,7 +64,8 @@ def evaluate(run_or_model: str | Path | Any, data: str | Path | None = None, spl
         raise ConfigError("itrkit.evaluate(model, data): a model object needs the dataset folder (data=)")
     from itrkit.data.records import Dataset
 
-    ds = Dataset.load(data).split(split).subset(max_images or None)
+    whole = Dataset.load(data)
+    ds = whole.split(split).subset(max_images or None)
     model = run_or_model
     if callable(getattr(model, "encode_images", None)) and callable(getattr(model, "encode_texts", None)) \
             and hasattr(model, "image_tower"):
@@ -80,7 +81,7 @@ def evaluate(run_or_model: str | Path | Any, data: str | Path | None = None, spl
         if not grid_store:
             raise ConfigError("itrkit.evaluate(fusion model, data): pass grid_store= (region features of the "
                               "data set, itrkit grid), or evaluate the run folder")
-        return split_metrics(model, open_split(model, ds, grid_store, cache_dir), progress=False)[0]
+        return split_metrics(model, open_split(model, ds, grid_store, cache_dir, dataset=whole), progress=False)[0]
     raise ConfigError(f"itrkit.evaluate: {type(model).__name__} is neither a run folder nor an itrkit model")
 
 

@@ -492,6 +492,8 @@ class Trainer:
             out["val"] = sel[-1]["val"] if sel else None
             tested = self.task.test(self.run_dir, self.progress)
             out["test"] = tested.get("test")
+            if "rerank_choice" in tested:  # a re-ranker's (rerank_k, itm_weight), chosen on dev
+                out["rerank_choice"] = tested["rerank_choice"]
             if "test_s" in tested:
                 self.timing["test_s"] = tested["test_s"]
             out["history"] = self.history
