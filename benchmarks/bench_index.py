@@ -15,7 +15,8 @@ Data:
   the data or the model is absent.
 - ``random``: isotropic unit vectors, the worst case for every approximate index.
 
-``--json PATH`` writes ``{"rows": [{"n", "data", "backend", "recall_at_10", "ms_per_query", ...}]}``.
+``--json PATH`` writes ``{"rows": [{"n", "data", "backend", "recall_at_10", "ms_per_query", ...}], "complete"}``,
+rewritten after every row (``complete`` false until the end).
 Quick (a few minutes on a shared laptop): ``python benchmarks/bench_index.py --quick``.
 Full (100k and 1M; tens of minutes, ~10 GB RAM): ``python benchmarks/bench_index.py --json bench_index.json``.
 """
@@ -29,6 +30,7 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -150,7 +152,10 @@ def tie_aware_recall(found: np.ndarray, queries: np.ndarray, data: np.ndarray, k
 
 
 def run(kinds: dict, sizes: list[int], backends: list[str], target: float, k: int, n_eval: int,
-        budget_s: float, hnsw_m: int, ef_construction: int) -> list[dict]:
+        budget_s: float, hnsw_m: int, ef_construction: int,
+        on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Every (data, size, backend) row; ``on_row(rows so far)`` after each (a long run that is
+    stopped keeps the rows it finished)."""
     import faiss
 
     rows = []
@@ -184,6 +189,8 @@ def run(kinds: dict, sizes: list[int], backends: list[str], target: float, k: in
                        "calibration_recall": info["recall_at_10"], "target_recall": target,
                        "reached": info["reached"], "dim": int(data.shape[1]), "eval_queries": n_eval}
                 rows.append(row)
+                if on_row is not None:
+                    on_row(rows)
                 print(f"  {backend:<12} recall@{k} {recall:.3f} (calibration {info['recall_at_10']:.3f}, "
                       f"{info['params']})  {med:7.3f} ms/query (p95 {p95:.3f})  build {build_s:6.1f} s  "
                       f"index {mem:6.0f} MB", flush=True)
@@ -228,18 +235,22 @@ def main(argv: list[str] | None = None) -> int:
         kinds["random"] = random_vectors(a.random_dim)
     print(f"faiss {faiss.__version__}, {a.threads} thread(s); target recall@{a.k} {a.target_recall}; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other work skews timings)")
+    def write(rows: list[dict], complete: bool = False) -> None:
+        if a.json:
+            tmp = a.json.with_name(a.json.name + ".tmp")
+            tmp.write_text(json.dumps({"rows": rows, "complete": complete, "peak_rss_mb": round(peak_rss_mb()),
+                                       "threads": a.threads, "target_recall": a.target_recall,
+                                       "load_average_1min_at_end": round(os.getloadavg()[0], 2)}, indent=1))
+            tmp.replace(a.json)
+
     rows = run(kinds, sizes, a.backends, a.target_recall, a.k, a.eval_queries, 1.0 if a.quick else 3.0,
-               a.hnsw_m, a.ef_construction)
+               a.hnsw_m, a.ef_construction, on_row=write)
     print(f"\n{'data':<11} {'n':>9} {'backend':<12} {'recall@10':>9} {'ms/query':>9} {'build s':>8} {'MB':>6}  params")
     for r in rows:
         print(f"{r['data']:<11} {r['n']:>9,} {r['backend']:<12} {r['recall_at_10']:>9.3f} {r['ms_per_query']:>9.3f} "
               f"{r['build_s']:>8.1f} {r['index_mb']:>6}  {r['params']}")
     print(f"\npeak resident memory of this run: {peak_rss_mb():.0f} MB; load average {os.getloadavg()[0]:.1f}")
-    if a.json:
-        tmp = a.json.with_name(a.json.name + ".tmp")
-        tmp.write_text(json.dumps({"rows": rows, "peak_rss_mb": round(peak_rss_mb()), "threads": a.threads,
-                                   "target_recall": a.target_recall}, indent=1))
-        tmp.replace(a.json)
+    write(rows, complete=True)
     return 0
 
 
