@@ -218,3 +218,68 @@ def test_model_trainable_sets_both_towers_and_conflicts_are_one_line_errors() ->
     with pytest.raises(ConfigError, match="nothing is frozen"):
         load_train_config(None, ["model.trainable=all"])
     assert load_train_config(None, ["model.trainable=all", "model.cached_features=false"]).model.text_trainable == "all"
+
+
+def test_prefix_fingerprint_is_memoised_until_a_frozen_weight_changes() -> None:
+    effnet = build_tower({"name": "efficientnet-lite0", "image_size": 64}, "image")  # own copy: it is mutated
+    cut = effnet.cut_for("top:2")
+    first = effnet.prefix_fingerprint(cut)
+    assert effnet.prefix_fingerprint(cut) == first == effnet._prefix_digest(cut)
+    top = effnet.blocks()[cut]
+    with torch.no_grad():  # a trainable top block changes: the prefix's key does not
+        next(top.parameters()).add_(1.0)
+    assert effnet.prefix_fingerprint(cut) == first
+    with torch.no_grad():  # an in-place write to a frozen block (version bump): a new digest
+        next(effnet.blocks()[0].parameters()).mul_(1.5)
+    changed = effnet.prefix_fingerprint(cut)
+    assert changed != first and changed == effnet._prefix_digest(cut)
+    effnet.load_state_dict(build_tower({"name": "efficientnet-lite0", "image_size": 64}, "image").state_dict())
+    assert effnet.prefix_fingerprint(cut) == first  # weights back: the digest is recomputed, not stale
+
+
+def test_non_finite_prefix_states_are_one_line_errors_naming_the_item_and_leave_nothing(
+        minilm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from itrkit.errors import DataError
+
+    texts = [f"caption number {i} of a dog" for i in range(40)]
+    live = minilm.prefix_states
+
+    def poisoned(x, cut):  # the states of one caption turn NaN (written by the writer thread)
+        out = live(x, cut)
+        rows = [i for i, ids in enumerate(x["input_ids"].tolist()) if minilm.tokenizer.decode(ids).count("33")]
+        for k, v in out.items():
+            if v.is_floating_point() and rows:
+                v = v.clone()
+                v[rows[0]] = float("nan")
+                out[k] = v
+        return out
+
+    monkeypatch.setattr(minilm, "prefix_states", poisoned)
+    with pytest.raises(DataError, match="non-finite prefix states for item 'caption number 33 of a dog'"):
+        cached_prefix(minilm, minilm.cut_for("top:2"), texts, texts, tmp_path, batch_size=8)
+    assert not list((tmp_path / "prefix").glob("*")), "nothing half-written is left behind"
+
+
+@pytest.mark.parametrize("pad_token", [None, "[UNK]"])  # [UNK]: a pad id other than 0 (as MPNet's 1)
+def test_batches_cut_from_the_single_tokenisation_equal_tokenising_each_batch(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pad_token: str | None) -> None:
+    tower = build_tower("minilm", "text")  # own copy: its tokenizer is changed
+    if pad_token:
+        tower.tokenizer.pad_token = pad_token
+    texts = [" ".join(["word"] * (1 + (i * 7) % 23)) + f" {i}" for i in range(1100)]  # two 1,024 chunks
+    seen: list[dict[str, torch.Tensor]] = []
+    live = tower.prefix_states
+
+    def record(x, cut):
+        seen.append({k: v.clone() for k, v in x.items()})
+        return live(x, cut)
+
+    monkeypatch.setattr(tower, "prefix_states", record)
+    cached_prefix(tower, 1, texts, texts, tmp_path, batch_size=100)
+    order = np.argsort([-len(t) for t in texts], kind="stable")
+    assert len(seen) == 11
+    for b, got in enumerate(seen):
+        want = tower.prepare([texts[i] for i in order[b * 100:(b + 1) * 100]])
+        assert set(got) == set(want)
+        for k in want:
+            assert torch.equal(got[k], want[k]), (b, k)

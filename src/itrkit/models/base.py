@@ -22,6 +22,7 @@ forward(x)`` is the contract (tests/models/test_prefix.py).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -80,7 +81,26 @@ class Tower(nn.Module):
 
     def prefix_fingerprint(self, cut: int) -> str:
         """Spec + cut point + a digest of the first ``cut`` blocks' weights and buffers: what the cached
-        prefix states depend on (training the top blocks leaves it unchanged)."""
+        prefix states depend on (training the top blocks leaves it unchanged).
+
+        Memoised per cut while those tensors are untouched (same storage, shape, dtype and version
+        counter, which every in-place write bumps): the digest reads every frozen weight, ~1 s for
+        MiniLM on two cores, and each split / run asks again for the same frozen tower.
+        """
+        state = tuple((t.data_ptr(), tuple(t.shape), t.dtype, t._version)
+                      for block in self.blocks()[:cut] for t in block.state_dict(keep_vars=True).values())
+        memo = self.__dict__.setdefault("_prefix_fp_memo", {})
+        hit = memo.get(int(cut))
+        if hit is not None and hit[0] == (self.spec_key(), state):
+            return hit[1]
+        fp = self._prefix_digest(cut)
+        memo[int(cut)] = ((self.spec_key(), state), fp)
+        return fp
+
+    def spec_key(self) -> str:
+        return json.dumps(getattr(self, "spec", None), sort_keys=True, default=str)
+
+    def _prefix_digest(self, cut: int) -> str:
         h = 0.0
         with torch.no_grad():
             i = 0

@@ -65,18 +65,7 @@ def frozen_minilm() -> Any:
         from itrkit.models.towers import build_tower
 
         tower = build_tower("minilm", "text")
-        tower.set_trainable("frozen")
-        # The weights never change, so the prefix fingerprint (a pass over all 22M weights, ~1.6 s
-        # on 2 cores) is computed once per cut.
-        fps: dict[int, str] = {}
-        full = tower.prefix_fingerprint
-
-        def prefix_fingerprint(cut: int) -> str:
-            if cut not in fps:
-                fps[cut] = full(cut)
-            return fps[cut]
-
-        tower.prefix_fingerprint = prefix_fingerprint
+        tower.set_trainable("frozen")  # its prefix fingerprint is memoised by the tower itself
         _MINILM["tower"] = tower.eval()
     return _MINILM["tower"]
 

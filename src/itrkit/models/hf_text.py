@@ -151,6 +151,21 @@ def run_from_layer(root: nn.Module, entry: list[nn.Module], layers: nn.ModuleLis
             parent._modules[name] = old
 
 
+@contextlib.contextmanager
+def run_until_layer(root: nn.Module, layers: nn.ModuleList | None, k: int) -> Iterator[None]:
+    """Inside the block ``root``'s forward runs only ``layers[:k]`` (its hidden states up to layer
+    ``k`` are the full model's; what comes after the layer stack, e.g. a final norm, sees layer k)."""
+    if layers is None or k >= len(layers):
+        yield
+        return
+    parent, name = _parent_of(root, layers)
+    parent._modules[name] = nn.ModuleList(list(layers)[:k])
+    try:
+        yield
+    finally:
+        parent._modules[name] = layers
+
+
 def pool(hidden: torch.Tensor, mask: torch.Tensor, modes: tuple[str, ...]) -> torch.Tensor:
     """Token embeddings ``[B, L, H]`` → sentence embeddings, modes concatenated in ST order."""
     m = mask.unsqueeze(-1).to(hidden.dtype)
@@ -322,12 +337,23 @@ class HFTextTower(Tower):
         return len(layers) if layers is not None and self._entry() is not None else 0
 
     def prefix_states(self, inputs: dict[str, torch.Tensor], cut: int) -> dict[str, torch.Tensor]:
-        """Token states entering layer ``cut − 1`` (0 = the embeddings' output), with the mask and ids."""
+        """Token states entering layer ``cut − 1`` (0 = the embeddings' output), with the mask and ids.
+
+        Only the first ``cut − 1`` layers run (the model's own forward over a shortened layer list):
+        the layers above the cut would be computed for nothing."""
         dev = self.device
         inputs = {k: v.to(dev) for k, v in inputs.items()}
-        out = self.model(**inputs, output_hidden_states=True, return_dict=True)
-        return {"hidden": out.hidden_states[cut - 1], "attention_mask": inputs["attention_mask"],
-                "input_ids": inputs["input_ids"]}
+        layers = layer_list(self.model)
+        k = cut - 1
+        if layers is not None and 1 <= k < len(layers) and len(self.blocks()) == 1 + len(layers):
+            # Nothing after the layer stack (no final norm): the shortened model's last hidden
+            # state is layer k's output. (Not output_hidden_states: transformers may record those
+            # with hooks installed at the first forward, on whatever layers it saw then.)
+            with run_until_layer(self.model, layers, k):
+                hidden = self.model(**inputs, return_dict=True).last_hidden_state
+        else:
+            hidden = self.model(**inputs, output_hidden_states=True, return_dict=True).hidden_states[k]
+        return {"hidden": hidden, "attention_mask": inputs["attention_mask"], "input_ids": inputs["input_ids"]}
 
     def forward_from(self, states: dict[str, torch.Tensor], cut: int) -> torch.Tensor:
         dev = self.device

@@ -26,12 +26,14 @@ import json
 import os
 import shutil
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from itrkit.errors import ConfigError, DataError
 from itrkit.models.base import Tower
@@ -133,6 +135,10 @@ def prefix_path(tower: Tower, cut: int, items: list[Any], item_keys: list[str],
     return root / "prefix" / f"{fingerprint(tower.prefix_fingerprint(cut), dtype)}-{data_fp}"
 
 
+def _files_key(folder: Path, names: Any) -> tuple:
+    return (str(folder), tuple((n, (folder / n).stat().st_size, (folder / n).stat().st_mtime_ns) for n in sorted(names)))
+
+
 def _open(folder: Path, want: dict[str, Any]) -> PrefixStates | None:
     """The entry, or None when it is missing, damaged, or was written for another key."""
     try:
@@ -143,8 +149,7 @@ def _open(folder: Path, want: dict[str, Any]) -> PrefixStates | None:
         return None
     try:
         # Verified once per process for the same files (a study opens the same entries for every run).
-        key = (str(folder), tuple((n, (folder / n).stat().st_size, (folder / n).stat().st_mtime_ns)
-                                  for n in sorted(meta["files"])))
+        key = _files_key(folder, meta["files"])
         if key not in _VERIFIED:
             for name, digest in meta["files"].items():
                 if _file_hash(folder / name) != digest:
@@ -199,39 +204,68 @@ def _build(tower: Tower, cut: int, items: list[Any], folder: Path, want: dict[st
     files: dict[str, Any] = {}
     lengths = np.zeros(n, dtype=np.int32) if tower.modality == "text" else None
     width = 0
+    tokens: dict[str, torch.Tensor] | None = None
     if lengths is not None:
-        # Token counts first (the tokenizer alone is fast), so every row has the data set's width.
+        # Token counts first, so every row has the data set's width. With a right-padding tokenizer
+        # the encodings are kept and each batch is cut from them (what tower.prepare of the batch
+        # gives: rows padded to their longest), so captions are tokenised once.
+        keep = getattr(getattr(tower, "tokenizer", None), "padding_side", None) == "right"
+        chunks = []
         for s in range(0, n, 1024):
             enc = tower.prepare(list(items[s:s + 1024]))
             lengths[s:s + len(enc["attention_mask"])] = enc["attention_mask"].sum(dim=1).numpy()
+            if keep:
+                chunks.append(enc)
         width = int(lengths.max())
+        if keep:  # chunks widened to the data set's width with the tokenizer's own padding values
+            pad = {"input_ids": int(tower.tokenizer.pad_token_id or 0)}  # type: ignore[attr-defined]
+            tokens = {k: torch.cat([F.pad(c[k], (0, width - c[k].shape[1]), value=pad.get(k, 0)) for c in chunks])
+                      for k in chunks[0]}
     was_training = tower.training
     tower.eval()
     what = f"caching the frozen prefix ({cut} of {len(tower.blocks())} blocks) of the {tower.spec.get('name', '?')} tower"
+    def store(rows: np.ndarray, states: dict[str, torch.Tensor]) -> None:
+        """Check, convert, pad and write one batch (on the writer thread, while the next computes)."""
+        for name, t in states.items():
+            a = t.detach().cpu()
+            if a.is_floating_point():
+                if not torch.isfinite(a).all():
+                    bad = int(rows[int((~torch.isfinite(a.flatten(1))).any(1).nonzero()[0])])
+                    raise DataError(f"non-finite prefix states for item {items[bad]!r}")
+                arr = a.numpy().astype(np_dtype)
+            else:
+                arr = a.numpy().astype(np.int32 if name == "input_ids" else np.uint8)
+            if lengths is not None:  # pad the token axis to the data set's width
+                arr = np.concatenate([arr, np.zeros((arr.shape[0], width - arr.shape[1], *arr.shape[2:]),
+                                                    arr.dtype)], axis=1)
+            if name not in files:
+                files[name] = _Writer(tmp / f"{name}.npy", (n, *arr.shape[1:]), arr.dtype)
+            files[name].write(rows, arr)
+
+    pending: list[Future[None]] = []
     try:
         with torch.inference_mode(), progress(total=n, desc=desc or f"{tower.modality} prefix", unit=tower.modality,
-                                              what=what, cached_at=folder) as bar:
+                                              what=what, cached_at=folder) as bar, \
+                ThreadPoolExecutor(max_workers=1) as writer:
             for start in range(0, n, batch_size):
                 rows = order[start:start + batch_size]
-                x = move_to(tower.prepare([items[int(i)] for i in rows]), tower.device, non_blocking=True)
+                if tokens is None:
+                    x = tower.prepare([items[int(i)] for i in rows])
+                else:
+                    sel = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+                    top = int(lengths[rows].max())
+                    x = {k: v[sel, :top] for k, v in tokens.items()}
+                x = move_to(x, tower.device, non_blocking=True)
                 states = tower.prefix_states(x, cut)
-                for name, t in states.items():
-                    a = t.detach().cpu()
-                    if a.is_floating_point():
-                        if not torch.isfinite(a).all():
-                            bad = int(rows[int((~torch.isfinite(a.flatten(1))).any(1).nonzero()[0])])
-                            raise DataError(f"non-finite prefix states for item {items[bad]!r}")
-                        arr = a.numpy().astype(np_dtype)
-                    else:
-                        arr = a.numpy().astype(np.int32 if name == "input_ids" else np.uint8)
-                    if lengths is not None:  # pad the token axis to the data set's width
-                        arr = np.concatenate([arr, np.zeros((arr.shape[0], width - arr.shape[1], *arr.shape[2:]),
-                                                            arr.dtype)], axis=1)
-                    if name not in files:
-                        files[name] = _Writer(tmp / f"{name}.npy", (n, *arr.shape[1:]), arr.dtype)
-                    files[name].write(rows, arr)
+                pending.append(writer.submit(store, rows, states))
+                if len(pending) > 1:  # at most one batch waits to be written: memory stays two batches
+                    pending.pop(0).result()
                 bar.update(len(rows))
+            for f in pending:
+                f.result()
     except BaseException:
+        for f in pending:
+            f.cancel()
         for w in files.values():
             w.close()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -253,6 +287,7 @@ def _build(tower: Tower, cut: int, items: list[Any], folder: Path, want: dict[st
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)
+    _VERIFIED.add(_files_key(folder, digests))  # hashed from these very bytes a moment ago
 
 
 class _Writer:
