@@ -345,7 +345,7 @@ class HFTextTower(Tower):
         inputs = {k: v.to(dev) for k, v in inputs.items()}
         layers = layer_list(self.model)
         k = cut - 1
-        if layers is not None and 1 <= k < len(layers) and len(self.blocks()) == 1 + len(layers):
+        if layers is not None and 1 <= k <= len(layers) and len(self.blocks()) == 1 + len(layers):
             # Nothing after the layer stack (no final norm): the shortened model's last hidden
             # state is layer k's output. (Not output_hidden_states: transformers may record those
             # with hooks installed at the first forward, on whatever layers it saw then.)
