@@ -42,15 +42,8 @@ def sample_hard_negatives(sim: Tensor, img_ids: Tensor, generator: torch.Generat
     is the first whose cumulative weight exceeds ``u · total``. Returns ``(neg_txt, neg_img)``,
     each (B,) int64, ``-1`` where the row has no negative in the batch (all rows share its id).
     """
-    b = sim.shape[0]
-    if sim.ndim != 2 or sim.shape[1] != b:
-        raise ItrkitError(f"similarities must be a square B×B matrix, got shape {tuple(sim.shape)}")
-    ids = img_ids.reshape(-1).to(sim.device)
-    if ids.numel() != b:
-        raise ItrkitError(f"img_ids has {ids.numel()} entries but the batch has {b} rows")
-    u = torch.rand(2, b, generator=generator, dtype=torch.float64).to(sim.device)  # the CPU stream, on any device
-    neg = ids[:, None] != ids[None, :]
-    s = sim.detach().to(torch.float64)
+    s, neg = _mining_inputs(sim, img_ids)
+    u = torch.rand(2, s.shape[0], generator=generator, dtype=torch.float64).to(sim.device)  # the CPU stream
     return _inverse_cdf(s, neg, u[0]), _inverse_cdf(s.T, neg.T, u[1])
 
 
@@ -64,15 +57,19 @@ def hardest_negatives(sim: Tensor, img_ids: Tensor) -> tuple[Tensor, Tensor]:
     the lower index. Returns ``(neg_txt, neg_img)``, each (B,) int64, ``-1`` where the row has no
     negative in the batch (the layout of :func:`sample_hard_negatives`).
     """
+    s, neg = _mining_inputs(sim, img_ids)
+    return _argmax_allowed(s, neg), _argmax_allowed(s.T, neg.T)
+
+
+def _mining_inputs(sim: Tensor, img_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """(float64 similarities, mask of allowed negatives: pairs of different images), checked."""
     b = sim.shape[0]
     if sim.ndim != 2 or sim.shape[1] != b:
         raise ItrkitError(f"similarities must be a square B×B matrix, got shape {tuple(sim.shape)}")
     ids = img_ids.reshape(-1).to(sim.device)
     if ids.numel() != b:
         raise ItrkitError(f"img_ids has {ids.numel()} entries but the batch has {b} rows")
-    neg = ids[:, None] != ids[None, :]
-    s = sim.detach().to(torch.float64)
-    return _argmax_allowed(s, neg), _argmax_allowed(s.T, neg.T)
+    return sim.detach().to(torch.float64), ids[:, None] != ids[None, :]
 
 
 def _argmax_allowed(x: Tensor, allowed: Tensor) -> Tensor:
