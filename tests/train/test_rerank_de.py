@@ -81,7 +81,7 @@ def test_rerank_on_a_dual_encoder_run_trains_chooses_on_dev_and_reevaluates_to_t
         # The saved (k, w) is the best dev RSUM of an explicit loop over the recipe's grid.
         meta = json.loads((run / "model" / "model.json").read_text())
         choice = meta["rerank_choice"]
-        assert choice == json.loads((run / "rerank_choice.json").read_text())
+        assert choice == json.loads((run / "metrics.json").read_text())["rerank_choice"]
         assert (meta["model"]["rerank_k"], meta["model"]["itm_weight"]) == (choice["rerank_k"], choice["itm_weight"])
         assert meta["model"]["itc_run"] == str(de_run["de"].resolve()) and "selected" in meta
         model, _ = load_fusion_model(run)

@@ -299,7 +299,8 @@ class FusionTask(TrainingTask):
     here (feature cache), each batch's ITM hard negatives are its hardest in-batch negatives, and
     validation ranks with it. At the end :meth:`test` picks ``(rerank_k, itm_weight)`` on the
     validation split (:func:`itrkit.eval.fusion.choose_rerank`), writes them into the saved model
-    (``model/model.json``, with the dev grid as ``rerank_choice``; also ``rerank_choice.json``)
+    (``model/model.json``, with the dev grid as ``rerank_choice``; the trainer copies it into
+    ``metrics.json``)
     and evaluates the test split with them, as ``itrkit eval --run`` then does.
     """
 
@@ -544,14 +545,12 @@ class FusionTask(TrainingTask):
         """Pick (rerank_k, itm_weight) on the validation split and save them with the selected model."""
         from itrkit.eval.fusion import choose_rerank
         from itrkit.models.io import save_fusion_model
-        from itrkit.utils.io import atomic_write_json
 
         choice = choose_rerank(model, self.val, metric=self.cfg.select_metric, progress=progress)
         choice["split"] = f"{self.cfg.data.val_split} ({len(self.val)} images)"
         model.set_rerank(choice["rerank_k"], choice["itm_weight"])
         extra = {k: v for k, v in meta.items() if k not in ("format", "model")}
         save_fusion_model(model, run_dir / "model", extra={**extra, "rerank_choice": choice})
-        atomic_write_json(run_dir / "rerank_choice.json", choice)
         return choice
 
 
