@@ -65,3 +65,40 @@ def test_bad_choice_is_one_line_error(tmp_path: Path, synth_dir: Path, capsys: p
         err = capsys.readouterr().err
         assert word in err and err.count("\n") == 1, err
     assert not (tmp_path / "r" / "runs").exists()
+
+
+def test_seed0_of_a_tuned_method_is_its_dev_run_linked_and_equal_to_training_it(
+        tmp_path: Path, synth_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chosen grid point's dev run is seed 0 (same config but ``out``): it is hard-linked, not
+    trained again, and training that config afresh gives the same test metrics and embeddings."""
+    import dataclasses
+
+    from safetensors.numpy import load_file
+
+    from itrkit.experiments.flickr8k import Reproduction
+    from itrkit.experiments.methods import METHODS
+    from itrkit.experiments.runner import Runner
+
+    monkeypatch.setattr(METHODS["infonce"], "grid", METHODS["infonce"].grid[:2])  # two dev runs are enough here
+    out = tmp_path / "repro"
+    rep = Reproduction(synth_dir, out, ["infonce"], 1, 1, str(tmp_path / "cache"), "tiny-image", "tiny-text")
+    res = rep.run()
+    dev_rsums = [json.loads((out / "tune" / "infonce" / f"g{g}" / "metrics.json").read_text())["val"]["rsum"]
+                 for g in (0, 1)]
+    chosen = out / "tune" / "infonce" / f"g{dev_rsums.index(max(dev_rsums))}"
+    seed0 = out / "runs" / "infonce" / "seed0"
+    for f in ("metrics.json", "test_embeddings.safetensors", "model/model.safetensors", "train.log"):
+        assert (seed0 / f).stat().st_ino == (chosen / f).stat().st_ino, f  # linked, not trained again
+    assert not (seed0 / "checkpoints").exists() and not list(out.glob("runs/infonce/.*"))
+    assert yaml.safe_load((seed0 / "config.yaml").read_text())["out"] == str(seed0)
+    assert res["infonce"]["runs"][0]["rsum"] == json.loads((chosen / "metrics.json").read_text())["test"]["rsum"]
+    # the slow reference: the same config trained from scratch in another folder
+    cfg = rep.config(METHODS["infonce"], rep.choices["infonce"], 0, tmp_path / "fresh")
+    fresh = Runner(tmp_path / "x").run(cfg)
+    assert fresh["test"] == json.loads((seed0 / "metrics.json").read_text())["test"]
+    a, b = load_file(str(seed0 / "test_embeddings.safetensors")), load_file(str(tmp_path / "fresh" / "test_embeddings.safetensors"))
+    assert all((a[k] == b[k]).all() for k in a)
+    # another config (here: another seed) is never adopted; nor is a folder that exists already
+    assert not rep.adopt_dev_run(METHODS["infonce"], dataclasses.replace(cfg, seed=1, out=str(tmp_path / "s1")))
+    assert not rep.adopt_dev_run(METHODS["infonce"], dataclasses.replace(cfg, out=str(seed0)))
+    assert not (tmp_path / "s1").exists()

@@ -76,10 +76,13 @@ def test_finetune_and_set_reach_every_tuned_run_of_the_study(tmp_path: Path, syn
     out = tmp_path / "study"
     assert main(["reproduce", "flickr8k", "--data", str(synth), "--out", str(out), "--methods", ",".join(STUDY),
                  "--finetune", "top:2", "--set", "loss.center_teacher=true", "--set", "stages.*.warmup_steps=7",
-                 "--seeds", "2", "--epochs", "2", "--image-teacher", "tiny-image", "--text-teacher", "tiny-text"]) == 0
+                 "--seeds", "2", "--epochs", "2", "--image-teacher", "tiny-image", "--text-teacher", "tiny-text",
+                 "--dev-budget", "2"]) == 0
     runs = {(Path(c.out).parent.name, Path(c.out).name): c for c in seen}
-    # 3 tuned grids of 4 dev runs (infonce, cusa, icone), then 2 seeds of every method
-    assert len(seen) == 3 * 4 + 2 * len(STUDY) and {n for n, s in runs if s == "seed1"} == set(STUDY)
+    # 3 tuned methods (infonce, cusa, icone) with 2 dev runs each (the first 2 grid points), then 2 seeds of every method
+    assert len(seen) == 3 * 2 + 2 * len(STUDY) and {n for n, s in runs if s == "seed1"} == set(STUDY)
+    assert {(Path(c.out).parent.name, Path(c.out).name) for c in seen if Path(c.out).parent.parent.name == "tune"} \
+        == {(m, f"g{g}") for m in ("infonce", "cusa", "icone") for g in (0, 1)}
     for (name, _), c in runs.items():
         assert (c.model.image_trainable, c.model.text_trainable, c.model.cached_features) == ("top:2", "top:2", True)
         assert c.loss.center_teacher is True and c.stages[0].warmup_steps == 7, name  # --set, after the method's
@@ -88,7 +91,7 @@ def test_finetune_and_set_reach_every_tuned_run_of_the_study(tmp_path: Path, syn
             assert c.stages[1].warmup_steps == 7, name  # stages.* reaches both stages
         else:
             assert len(c.stages) == 1 and c.stages[0].freeze == [], name
-    # dev choice = the last grid point; CUSA's is the paper's own (α=0.1, β=0.5, T=1, learnable τ)
+    # dev choice = the last point tried; CUSA's second is the paper's own (α=0.1, β=0.5, T=1, learnable τ)
     cusa = runs[("cusa", "seed0")]
     assert (cusa.loss.csa, cusa.loss.usa, cusa.loss.tau_teacher, cusa.loss.tau_learnable) == (0.1, 0.5, 1.0, True)
     for name, (shuffle, smooth) in {"cusa": (False, False), "cusa-shuffled": (True, False),
@@ -101,6 +104,7 @@ def test_finetune_and_set_reach_every_tuned_run_of_the_study(tmp_path: Path, syn
     assert (runs[("csa", "seed0")].loss.usa, runs[("usa", "seed0")].loss.csa) == (0, 0)
     res = json.loads((out / "results.json").read_text())
     assert set(res) == set(STUDY)
+    assert {n: r["dev_runs"] for n, r in res.items()} == {n: 2 if n in ("infonce", "cusa", "icone") else 0 for n in STUDY}
     for r in res.values():
         assert r["finetune"] == {"image": "top:2", "text": "top:2"}
         assert r["overrides"] == ["loss.center_teacher=true", "stages.*.warmup_steps=7"]
@@ -133,7 +137,8 @@ def test_frozen_regime_and_bad_specs(tmp_path: Path, synth: Path, monkeypatch: p
     c = rep.config(METHODS["icone"], [], 0, tmp_path / "x")
     assert (c.model.image_trainable, c.model.text_trainable, c.stages[0].freeze) == ("frozen", "top:1", ["towers"])
     for args, word in ((["--finetune", "top:0"], "--finetune 'top:0'"),
-                       (["--set", "loss.nope=1"], "loss.nope"), (["--set", "noequals"], "noequals")):
+                       (["--set", "loss.nope=1"], "loss.nope"), (["--set", "noequals"], "noequals"),
+                       (["--dev-budget", "5"], "--dev-budget 5: use 1..4")):
         assert main(["reproduce", "flickr8k", "--data", str(synth), "--out", str(tmp_path / "r"),
                      "--methods", "infonce", *args]) == 2
         err = capsys.readouterr().err

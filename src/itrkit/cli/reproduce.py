@@ -22,7 +22,8 @@ def _cmd(a: argparse.Namespace) -> int:
         fixed[name.strip()] = int(idx)
     rep = Reproduction(Path(a.data), Path(a.out), methods, a.seeds, a.epochs, a.cache, a.image_teacher,
                        a.text_teacher, a.max_train_images, tune=not a.no_tune, fixed=fixed,
-                       fusion_epochs=a.fusion_epochs, device=a.device, finetune=a.finetune, overrides=a.set)
+                       fusion_epochs=a.fusion_epochs, device=a.device, finetune=a.finetune, overrides=a.set,
+                       dev_budget=a.dev_budget)
     rep.run()
     print(f"results: {a.out}/results.json, results.md, results.png")
     return 0
@@ -54,6 +55,9 @@ def add_parsers(sub: Any) -> None:
     r.add_argument("--text-teacher", default="mpnet")
     r.add_argument("--max-train-images", type=int, default=0, help="use only the first N training images")
     r.add_argument("--no-tune", action="store_true", help="take each method's first grid point (quick look)")
+    r.add_argument("--dev-budget", type=int, default=0, metavar="K",
+                   help="dev runs per tuned method: the first K points of each grid, the same K for all "
+                        "(grids are ordered by priority; default: every point)")
     r.add_argument("--choice", action="append", metavar="METHOD=INDEX",
                    help="reuse a dev choice made earlier (the grid index printed by 'tune'), e.g. icone=2; "
                         "repeatable; a method needed only as a base is then not trained at all")

@@ -17,6 +17,8 @@ Flickr8k human-judgment metrics (docs/method.md §4.5) when the annotation files
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from itrkit.config import save_config, to_dict
 from itrkit.errors import ConfigError
 from itrkit.experiments.methods import (
     BASE,
@@ -45,7 +48,8 @@ class Reproduction:
                  image_teacher: str, text_teacher: str, max_train_images: int = 0, tune: bool = True,
                  fixed: dict[str, int] | None = None, fusion_epochs: int | None = None,
                  fusion_overrides: list[str] | None = None, device: str = "auto",
-                 finetune: str | dict[str, str] | None = None, overrides: list[str] | None = None) -> None:
+                 finetune: str | dict[str, str] | None = None, overrides: list[str] | None = None,
+                 dev_budget: int = 0) -> None:
         unknown = [m for m in [*methods, *(fixed or {})] if m not in METHODS]
         if unknown or any(METHODS[m].kind != "tuned" for m in fixed or {}):
             raise ConfigError(f"unknown method(s) {unknown or list(fixed or {})} (known: "
@@ -61,6 +65,13 @@ class Reproduction:
             if not 0 <= gi < len(METHODS[name].grid):
                 raise ConfigError(f"--choice {name}={gi}: {name} has grid points 0..{len(METHODS[name].grid) - 1}")
         self.fixed = dict(fixed or {})  # method → grid index chosen earlier on dev (no tuning again)
+        # Dev runs per tuned method: the first ``dev_budget`` points of each grid (0: the whole grid),
+        # the same number for every method.
+        sizes = [len(m.grid) for m in METHODS.values() if m.grid]
+        if not 0 <= dev_budget <= min(sizes):
+            raise ConfigError(f"--dev-budget {dev_budget}: use 1..{min(sizes)} grid points per tuned method "
+                              "(0: every point)")
+        self.dev_budget = dev_budget or max(sizes)
         self.finetune = (parse_finetune(finetune) if isinstance(finetune, str) else dict(finetune)) if finetune \
             else None
         if self.finetune and all(m == "frozen" for m in self.finetune.values()):
@@ -132,11 +143,59 @@ class Reproduction:
         if not self.tune or len(method.grid) <= 1:
             return method.grid[0] if method.grid else []
         scores = []
-        for gi, extra in enumerate(method.grid):
+        for gi, extra in enumerate(method.grid[:self.dev_budget]):
             m = self.runner.run(self.config(method, extra, 0, self.out / "tune" / method.name / f"g{gi}"))
             scores.append(m["val"]["rsum"])
             print(f"  tune {method.name} g{gi} {extra}: dev rsum {m['val']['rsum']:.2f}", file=sys.stderr)
         return method.grid[int(np.argmax(scores))]
+
+    def dev_runs(self, method: Method) -> int:
+        """How many dev runs chose this method's setting (0: copied from another method, fixed by
+        ``--choice`` or ``--no-tune``)."""
+        if method.copy_choice_of or method.name in self.fixed or not self.tune or len(method.grid) <= 1:
+            return 0
+        return min(self.dev_budget, len(method.grid))
+
+    def adopt_dev_run(self, method: Method, cfg: TrainConfig) -> bool:
+        """Seed 0 of a tuned method is its chosen grid point's dev run: that run's config differs only
+        in ``out`` (and the device), so its finished files are hard-linked into ``cfg.out`` instead of
+        training the same run again (runs are deterministic on CPU). ``config.yaml`` is written anew
+        for the new folder; ``checkpoints/`` stay behind (they name the dev folder, and a finished run
+        is never resumed). The folder appears whole or not at all (built beside it, then renamed).
+        Returns whether it adopted a run."""
+        target = Path(cfg.out)
+        extra = self.choices.get(method.name)
+        if target.exists() or method.copy_choice_of or extra is None or extra not in method.grid:
+            return False
+        dev = self.out / "tune" / method.name / f"g{method.grid.index(extra)}"
+        if not (dev / "metrics.json").is_file() or not (dev / "config.yaml").is_file():
+            return False
+        def key(c: TrainConfig) -> dict[str, Any]:
+            return {k: v for k, v in to_dict(c).items() if k not in ("out", "device")}
+
+        if key(cfg) != key(load_train_config(dev / "config.yaml")):
+            return False
+        tmp = target.parent / f".{target.name}.adopt-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+
+        def link(src: str, dst: str) -> None:
+            try:
+                os.link(src, dst)
+            except OSError:  # another file system, or links not allowed: a copy
+                shutil.copy2(src, dst)
+
+        try:
+            shutil.copytree(dev, tmp, copy_function=link,
+                            ignore=lambda d, names: [n for n in names if n in ("checkpoints", "config.yaml",
+                                                                                 "metrics.json", "human.json")
+                                                     or n.startswith(".")] if Path(d) == dev else [])
+            save_config(cfg, tmp / "config.yaml")
+            link(str(dev / "metrics.json"), str(tmp / "metrics.json"))  # last: it marks the run finished
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        print(f"  {method.name} seed 0 = its dev run {dev} (same config; linked, not trained again)", file=sys.stderr)
+        return True
 
     def run(self) -> dict[str, Any]:
         if self.methods:
@@ -156,6 +215,8 @@ class Reproduction:
             runs = []
             for s in range(self.seeds):
                 cfg = self.config(method, self.choices[name], s, self.out / "runs" / name / f"seed{s}")
+                if s == 0:
+                    self.adopt_dev_run(method, cfg)
                 m = self.runner.run(cfg)
                 human = self.runner.human(cfg)  # test-only: never part of any selection
                 runs.append({"seed": s, **m["test"], **human, "val_rsum": m["val"]["rsum"],
@@ -164,7 +225,7 @@ class Reproduction:
                 print(f"  {name} seed {s}: test rsum {m['test']['rsum']:.2f}{extra}", file=sys.stderr)
             chosen = (self.choices.get(method.inherits, []) if method.inherits else []) + self.choices[name] + method.after
             results[name] = {**Runner.aggregate(runs, chosen), "finetune": self.finetune,
-                             "overrides": list(self.overrides)}
+                             "overrides": list(self.overrides), "dev_runs": self.dev_runs(method)}
             self.timings[name] = round(time.time() - t0, 1)
         for name in self.fusion:
             t0 = time.time()

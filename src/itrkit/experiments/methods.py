@@ -59,11 +59,12 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            teachers=True, description="ablation: CUSA's setting, USA off (InfoNCE + α·CSA)"),
     Method("usa", ["loss.contrastive=1"], copy_choice_of="cusa", after=["loss.csa=0"], inherits="infonce",
            teachers=True, description="ablation: CUSA's setting, CSA off (InfoNCE + β·USA)"),
+    # Grids are ordered by priority: a smaller dev budget (``--dev-budget K``) tries the first K points.
     Method("cusa", ["loss.contrastive=1"], [
-        ["loss.csa=1", "loss.usa=1", "loss.tau_teacher=0.1"], ["loss.csa=3", "loss.usa=3", "loss.tau_teacher=0.1"],
-        ["loss.csa=1", "loss.usa=3", "loss.tau_teacher=0.05"],
+        ["loss.csa=1", "loss.usa=1", "loss.tau_teacher=0.1"],
         # the paper's own point (CUSA §4.1: α=0.1, β=0.5, teacher T=1, learnable τ)
         ["loss.csa=0.1", "loss.usa=0.5", "loss.tau_teacher=1.0", "loss.tau_learnable=true"],
+        ["loss.csa=3", "loss.usa=3", "loss.tau_teacher=0.1"], ["loss.csa=1", "loss.usa=3", "loss.tau_teacher=0.05"],
     ], inherits="infonce", teachers=True, description="InfoNCE + α·CSA + β·USA"),
     Method("cusa-shuffled", ["loss.contrastive=1", "teacher.shuffle=true"], copy_choice_of="cusa", inherits="infonce",
            teachers=True, description="control: CUSA with teacher rows permuted"),
