@@ -81,7 +81,8 @@ def test_seed0_of_a_tuned_method_is_its_dev_run_linked_and_equal_to_training_it(
 
     monkeypatch.setattr(METHODS["infonce"], "grid", METHODS["infonce"].grid[:2])  # two dev runs are enough here
     out = tmp_path / "repro"
-    rep = Reproduction(synth_dir, out, ["infonce"], 1, 1, str(tmp_path / "cache"), "tiny-image", "tiny-text")
+    rep = Reproduction(synth_dir, out, ["infonce"], 1, 1, str(tmp_path / "cache"), "tiny-image", "tiny-text",
+                       overrides=["model.image_tower=tiny-image", "model.text_tower=tiny-text"])
     res = rep.run()
     dev_rsums = [json.loads((out / "tune" / "infonce" / f"g{g}" / "metrics.json").read_text())["val"]["rsum"]
                  for g in (0, 1)]
