@@ -52,9 +52,12 @@ def test_reproduce_runs_carries_choices_and_resumes(tmp_path: Path, synth_dir: P
         assert (out / f).stat().st_size > 0
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/metrics.json")}
     assert len(stamps) == 4
+    timings = json.loads((out / "timings.json").read_text())
+    assert timings["infonce"] > 0 and timings["icone+cusa"] > 0
     capsys.readouterr()
     assert _reproduce(synth_dir, out) == 0  # everything finished: nothing is trained again
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/metrics.json")} == stamps
+    assert json.loads((out / "timings.json").read_text()) == timings  # a reused method keeps its time
     assert json.loads((out / "results.json").read_text())["icone+cusa"]["runs"] == res["icone+cusa"]["runs"]
 
 

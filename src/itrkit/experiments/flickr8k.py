@@ -207,7 +207,7 @@ class Reproduction:
         results: dict[str, Any] = {}
         for name in order:
             method = METHODS[name]
-            t0 = time.time()
+            t0, trained0 = time.time(), self.runner.trained
             print(f"[{name}] {method.description}", file=sys.stderr)
             self.choices[name] = self.tune_method(method)
             if name not in self.methods:  # a dependency: only its choice is needed, not its seed runs
@@ -226,11 +226,13 @@ class Reproduction:
             chosen = (self.choices.get(method.inherits, []) if method.inherits else []) + self.choices[name] + method.after
             results[name] = {**Runner.aggregate(runs, chosen), "finetune": self.finetune,
                              "overrides": list(self.overrides), "dev_runs": self.dev_runs(method)}
-            self.timings[name] = round(time.time() - t0, 1)
+            if self.runner.trained > trained0:  # else every run was reused: its earlier timing stands
+                self.timings[name] = round(time.time() - t0, 1)
         for name in self.fusion:
-            t0 = time.time()
+            t0, trained0 = time.time(), self.runner.trained
             results.update(self.run_fusion(name))
-            self.timings[name] = round(time.time() - t0, 1)
+            if self.runner.trained > trained0:
+                self.timings[name] = round(time.time() - t0, 1)
         self.runner.write(results)
         return results
 

@@ -43,6 +43,7 @@ class Runner:
         self.progress = progress
         self.device = device  # every run's and the teachers' device (auto: CUDA, else MPS, else CPU)
         self.timings: dict[str, float] = {}
+        self.trained = 0  # runs trained (not reused) by this runner: a reused method keeps its earlier timing
         self._teacher_ov: dict[tuple[str, str, int], list[str]] = {}
         self._test_sets: dict[tuple[str, str, int], Dataset] = {}
         self._human_noted = False
@@ -108,6 +109,7 @@ class Runner:
         cfg.device = self.device
         if (run_dir / "metrics.json").is_file():  # finished earlier: reuse (experiments are resumable)
             return json.loads((run_dir / "metrics.json").read_text())
+        self.trained += 1
         return train(cfg, resume=(run_dir / "config.yaml").is_file(), progress=self.progress)
 
     def human(self, cfg: TrainConfig) -> dict[str, float]:
@@ -178,7 +180,8 @@ class Runner:
     def write(self, results: dict[str, Any], plot: bool = True) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.out / "results.json", results)
-        atomic_write_json(self.out / "timings.json", self.timings)
+        old = self.out / "timings.json"  # times of what this call only reused stay as first measured
+        atomic_write_json(old, {**(json.loads(old.read_text()) if old.is_file() else {}), **self.timings})
         atomic_write_text(self.out / "results.md", results_table(results))
         if plot:
             import importlib.util
