@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from itrkit.experiments.runner import paired_difference
 from itrkit.utils.io import atomic_write_json
 
 # (key, header): test-set figures of every seed run
@@ -41,13 +42,11 @@ def per_seed(study: Path) -> dict[str, dict[int, dict[str, float]]]:
 
 
 def paired(table: dict[str, dict[int, dict[str, float]]], a: str, b: str, key: str) -> dict[str, Any] | None:
-    """``a − b`` on the seeds both have: mean, std (ddof 1), wins, losses; None without shared seeds."""
-    seeds = sorted(s for s in table[a] if s in table[b] and key in table[a][s] and key in table[b][s])
-    if not seeds:
-        return None
-    d = np.array([table[a][s][key] - table[b][s][key] for s in seeds])
-    return {"mean": float(d.mean()), "std": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
-            "wins": int((d > 0).sum()), "losses": int((d < 0).sum()), "seeds": seeds}
+    """``a − b`` on the seeds both have (:func:`itrkit.experiments.runner.paired_difference`)."""
+    def runs(name: str) -> list[dict[str, Any]]:
+        return [{"seed": s, **row} for s, row in table[name].items()]
+
+    return paired_difference(runs(a), runs(b), key)
 
 
 def _ms(vals: list[float]) -> str:

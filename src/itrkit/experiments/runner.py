@@ -193,6 +193,19 @@ class Runner:
         print(results_table(results))
 
 
+def paired_difference(a: list[dict[str, Any]], b: list[dict[str, Any]], key: str = "rsum") -> dict[str, Any] | None:
+    """``a − b`` of ``key`` over the seeds both lists of runs have (runs matched by ``seed``): mean,
+    std (ddof 1), wins, losses, seeds; None when no seed has the key in both."""
+    bs = {x["seed"]: x for x in b if key in x}
+    seeds = sorted(x["seed"] for x in a if key in x and x["seed"] in bs)
+    if not seeds:
+        return None
+    av = {x["seed"]: x for x in a}
+    d = np.array([float(av[s][key]) - float(bs[s][key]) for s in seeds], dtype=np.float64)
+    return {"mean": float(d.mean()), "std": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
+            "wins": int((d > 0).sum()), "losses": int((d < 0).sum()), "seeds": seeds}
+
+
 def _mean_std(runs: list[dict[str, Any]], key: str) -> str:
     if not runs or not all(key in x for x in runs):
         return ""
@@ -212,10 +225,8 @@ def results_table(results: dict[str, Any]) -> str:
     for name, r in results.items():
         runs = r["runs"]
         cells = [f"{np.mean([x[k] for x in runs]):.1f}" for k in keys]
-        delta = ""
-        if base and name != "infonce" and [x["seed"] for x in base["runs"]] == [x["seed"] for x in runs]:
-            d = np.array([x["rsum"] for x in runs]) - np.array([x["rsum"] for x in base["runs"]])
-            delta = f"{d.mean():+.1f} ± {d.std(ddof=1) if len(d) > 1 else 0:.1f} ({int((d > 0).sum())}/{int((d < 0).sum())})"
+        p = paired_difference(runs, base["runs"]) if base and name != "infonce" else None
+        delta = f"{p['mean']:+.1f} ± {p['std']:.1f} ({p['wins']}/{p['losses']})" if p else ""
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['rsum_mean']:.1f} ± {r['rsum_std']:.1f} | "
                      + "".join(f"{_mean_std(runs, k)} | " for k, _ in extra) + f"{delta} | {len(runs)} |")
     regimes = {(json.dumps(r.get("finetune")), json.dumps(r.get("overrides") or [])) for r in results.values()
