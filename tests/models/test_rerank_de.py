@@ -141,7 +141,7 @@ def test_final_score_top_k_order_equals_a_per_query_loop_both_directions(split_i
     fake = d["itm"]
     calls = []
 
-    def pair_scorer(img_state, words, lengths):
+    def pair_scorer(img_state, words, lengths, first_stage=None):
         def score(ii, tt):
             calls.append(len(ii))
             return fake[ii, tt]
@@ -159,6 +159,46 @@ def test_final_score_top_k_order_equals_a_per_query_loop_both_directions(split_i
         assert got["itm_only"] == pytest.approx(metrics_from_ranks(*_ranks_loop(itc, fake.numpy(), d["t2i"], k, math.inf)))
     n, n_cap = len(img), len(txt)
     assert sum(calls) == n * min(k, n_cap) + n_cap * min(k, n)
+
+
+def test_residual_over_the_first_stage_is_the_plain_head_plus_scale_times_its_cosine(split_inputs):
+    """``itm_residual`` with ``itc_run``: match logit = the fusion head's output + s · the frozen dual
+    encoder's cosine of the pair (the same weights without the residual give the first term), in the
+    pair scorer that re-ranks; without the first stage's cosines it refuses."""
+    from itrkit.errors import ConfigError
+
+    d = split_inputs
+    plain = _model(itc_run="de-run").eval()
+    res = _model(itc_run="de-run", itm_residual=True, itm_residual_init=7.5).eval()
+    assert res.itm_sim_scale.item() == 7.5
+    assert res.itm_head.weight.abs().sum() == 0  # the head starts constant: the first ranking is the cosine's
+    res.load_state_dict({**plain.state_dict(), "itm_sim_scale": torch.tensor(7.5, dtype=torch.float64),
+                         "residual_offset_ready": torch.tensor(True)})
+    img, txt = (x.double() for x in d["de"])
+    with torch.no_grad():
+        enc_p = plain.encode_split(d["regions"], d["tokens"], d["lengths"], progress=False)
+        enc_r = res.encode_split(d["regions"], d["tokens"], d["lengths"], progress=False)
+    ii = torch.tensor([0, 3, 3, 6, 1, 0, 2])
+    tt = torch.tensor([0, 1, 9, 20, 4, 4, 13])
+    f = plain.pair_scorer(enc_p["img_state"], enc_p["words"], enc_p["lengths"])(ii, tt)
+    got = res.pair_scorer(enc_r["img_state"], enc_r["words"], enc_r["lengths"], (img, txt))(ii, tt)
+    for p in range(len(ii)):
+        cos = float(sum(img[ii[p], j] * txt[tt[p], j] for j in range(img.shape[1])))
+        assert got[p].item() == pytest.approx(f[p].item() + 7.5 * cos, abs=1e-9)
+    with pytest.raises(ConfigError, match="itm_residual"):
+        res.pair_scorer(enc_r["img_state"], enc_r["words"], enc_r["lengths"])(ii, tt)
+    # evaluate_reranker feeds the split's first-stage rows to the residual: w = inf orders the top k
+    # by f + s·cos, i.e. a per-query loop over those scores
+    m = _model(itc_run="de-run", itm_residual=True, rerank_k=4, itm_weight=math.inf).eval()
+    got = evaluate_reranker(m, d["regions"], d["tokens"], d["lengths"], d["t2i"], progress=False, first_stage=d["de"])
+    with torch.no_grad():
+        enc = m.encode_split(d["regions"], d["tokens"], d["lengths"], progress=False)
+        n, n_cap = len(img), len(txt)
+        gi, gt = torch.meshgrid(torch.arange(n), torch.arange(n_cap), indexing="ij")
+        full = m.pair_scorer(enc["img_state"], enc["words"], enc["lengths"], d["de"])(gi.reshape(-1), gt.reshape(-1))
+    itc = (img @ txt.T).numpy()
+    ref = metrics_from_ranks(*_ranks_loop(itc, full.reshape(n, n_cap).numpy(), d["t2i"], 4, math.inf))
+    assert got["rerank"] == pytest.approx(ref)
 
 
 # --- the dev choice -----------------------------------------------------------------------------------

@@ -166,3 +166,47 @@ def test_training_batches_carry_the_dual_encoders_rows_and_the_loss_mines_with_i
     monkeypatch.setattr(type(task.loss), "forward", spy)
     task.compute(task.model(batch), batch)
     torch.testing.assert_close(seen["mining_sim"], zi @ zt.T)  # the dual encoder's cosine, not the model's ITC
+
+
+def test_residual_match_logits_add_the_dual_encoders_cosine_of_each_mined_pair(
+        de_run: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``model.itm_residual=true``: the logits the loss sees are the head's own output plus
+    s · the dual encoder's cosine of each (image, caption) pair of the batch."""
+    from itrkit.models.embed import embed_dataset
+    from itrkit.models.io import load_model
+    from itrkit.train.config import load_train_config, resolve_config
+    from itrkit.train.tasks import build_task
+
+    sets = [*_rerank_sets(de_run, de_run["de"]), "model.word_features=gru", "model.text_tower.embed_dim=8",
+            "model.text_tower.hidden=8", f"data.path={de_run['data']}", f"out={tmp_path / 'rr'}",
+            "model.itm_residual=true", "model.itm_residual_init=20"]
+    task = build_task(load_train_config(resolve_config("minilm/rerank_de"), sets), Dataset.load(de_run["data"]))
+    emb = embed_dataset(load_model(de_run["de"]), task.train.ds, de_run["cache"])
+    idx = task.epoch_batches(0, 0)[0]
+    batch = task.make_batch(idx)
+    sim = torch.from_numpy(emb["image_embeds"][idx]) @ torch.from_numpy(emb["text_embeds"][task.caps[idx]]).T
+    seen = {}
+    forward = type(task.loss).forward
+
+    def spy(self, out, ids, t_img, t_txt, itm_pairs, **kwargs):
+        seen["out"], seen["itm_pairs"] = out, itm_pairs
+        return forward(self, out, ids, t_img, t_txt, itm_pairs, **kwargs)
+
+    monkeypatch.setattr(type(task.loss), "forward", spy)
+    task.compute(task.model(batch), batch)
+    i, t = torch.tensor([0, 1, 2, 5, 5]), torch.tensor([0, 3, 2, 1, 7])
+    m, out = task.model, seen["out"]
+    with torch.no_grad():
+        got = seen["itm_pairs"](i, t)
+        head = m.itm_pairs(out["img_state"], out["words"][t], out["lengths"][t], i, torch.zeros(len(i)))
+    assert m.itm_sim_scale.item() == 20.0
+    # the offset was set once, from this batch: −s · midpoint of the mean positive cosine and the mean
+    # hardest other-image cosine (explicit loops)
+    ids = batch.img_ids.tolist()
+    hard = [max(float(sim[r, c]) for c in range(len(ids)) if ids[c] != ids[r]) for r in range(len(ids))]
+    mid = 0.5 * (sum(float(sim[r, r]) for r in range(len(ids))) / len(ids) + sum(hard) / len(hard))
+    assert bool(m.residual_offset_ready) and m.itm_head.bias.item() == pytest.approx(-20.0 * mid, rel=1e-5)
+    before = m.itm_head.bias.item()
+    task.compute(task.model(batch), batch)  # not again
+    assert m.itm_head.bias.item() == before
+    torch.testing.assert_close(got, head + 20.0 * sim[i, t].to(head.dtype), rtol=1e-5, atol=1e-5)

@@ -275,7 +275,8 @@ class _Encoded:
             if len(self.img_emb) != len(regions) or len(self.txt_emb) != len(tokens):
                 raise DataError(f"first-stage embeddings of {len(self.img_emb)} images / {len(self.txt_emb)} "
                                 f"captions for a split of {len(regions)} / {len(tokens)}")
-        scorer = model.pair_scorer(enc["img_state"], enc["words"], enc["lengths"])
+        scorer = model.pair_scorer(enc["img_state"], enc["words"], enc["lengths"],
+                                   None if first_stage is None else (self.img_emb, self.txt_emb))
         # One memory per direction: each direction's pairs are scored in the batches a plain
         # re-ranking would use (bit for bit the same scores), later orderings reuse them.
         self.memos = {d: _PairMemo(scorer, len(tokens)) for d in ("i2t", "t2i")}

@@ -153,7 +153,10 @@ class ReRankerOptions:
     heads: int = 4
     mlp_ratio: float = 2.0
     pool: str = "mean"  # mean | first: word states → match logit
-    itm_residual: bool = False  # match logit = fusion output + learned scale · ITC cosine (not X2VLM)
+    # match logit = fusion output + learned scale · ITC cosine (not X2VLM); with itc_run the cosine is
+    # the frozen first stage's, so the head learns a correction of the ranking it re-ranks
+    itm_residual: bool = False
+    itm_residual_init: float = 5.0  # initial scale of the residual cosine (1/τ of the first stage: its logits)
     usa_heads: bool = False  # USA heads on the pooled states (CUSA's USA term)
     rerank_k: int = 16  # candidates re-scored per query at evaluation (0 = ITC only)
     pair_batch: int = 512  # pairs per ITM forward at inference
@@ -221,11 +224,34 @@ class ReRanker(FusionMatcher):
         if self.itm_residual:
             # Match logit = fusion output + itm_sim_scale · cos(ITC image, ITC caption): the fusion
             # head learns a correction of the dual encoder (see the class doc).
-            self.itm_sim_scale = nn.Parameter(torch.tensor(5.0))
+            self.itm_sim_scale = nn.Parameter(torch.tensor(float(o.itm_residual_init)))
+            # Zero-initialised output layer: the head starts as a constant, so the first ranking is
+            # the cosine's; its offset is set once from the first training batch
+            # (:meth:`init_residual_offset`) so BCE starts at the first stage's decision boundary.
+            nn.init.zeros_(self.itm_head.weight)
+            self.register_buffer("residual_offset_ready", torch.zeros((), dtype=torch.bool))
         self.usa_image = self.usa_text = None
         if o.usa_heads:
             self.usa_image = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, embed_dim))
             self.usa_text = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, embed_dim))
+
+    @torch.no_grad()
+    def init_residual_offset(self, sim: Tensor, img_ids: Tensor) -> None:
+        """Once per run (``itm_residual`` over a frozen first stage): set the ITM bias to
+        ``−s · (c̄_pos + c̄_neg) / 2``, the midpoint of the first stage's mean positive cosine and
+        mean hardest-negative cosine in this batch (``sim`` (B, B), pair i = image i, caption i;
+        negatives: other images). Without it the offset of ``s · cos`` (~10 logits at s = 1/τ)
+        would have to be learnt through the bias one lr step at a time."""
+        if not self.itm_residual or bool(self.residual_offset_ready):
+            return
+        ids = img_ids.reshape(-1).to(sim.device)
+        other = ids[:, None] != ids[None, :]
+        if not bool(other.any()):
+            return
+        neg = sim.float().masked_fill(~other, float("-inf")).amax(1)
+        mid = 0.5 * (sim.float().diagonal().mean() + neg[torch.isfinite(neg)].mean())
+        self.itm_head.bias.fill_(float(-self.itm_sim_scale.detach() * mid))
+        self.residual_offset_ready.fill_(True)
 
     def set_rerank(self, rerank_k: int, itm_weight: float) -> None:
         """Use ``rerank_k`` candidates and ``itm_weight`` from now on (and save them with the model)."""
@@ -275,11 +301,14 @@ class ReRanker(FusionMatcher):
         return self.itc_text(_masked_mean(words, lengths))
 
     # --- the ITM head ---------------------------------------------------------------------
-    def itm_pairs(self, img_state: Tensor, words: Tensor, lengths: Tensor, img_index: Tensor | None = None) -> Tensor:
+    def itm_pairs(self, img_state: Tensor, words: Tensor, lengths: Tensor, img_index: Tensor | None = None,
+                  itc: Tensor | None = None) -> Tensor:
         """Match logit of each pair p = (image, words[p, :lengths[p]]): (P,).
 
         The image of pair p is ``img_state[p]``, or ``img_state[img_index[p]]`` when ``img_index``
         is given (each distinct image's regions are then projected to keys / values once).
+        ``itc`` (P,): the frozen first stage's cosine of each pair (``itc_run``), the residual's
+        cosine with ``itm_residual`` (required then; without ``itc_run`` the model's own ITC is used).
         """
         lengths = lengths.to(words.device)
         top = int(lengths.max())
@@ -293,9 +322,13 @@ class ReRanker(FusionMatcher):
         pooled = x[:, 0] if self.pool == "first" else _masked_mean(x, lengths)
         logit = self.itm_head(pooled).squeeze(1)
         if self.itm_residual:
-            zi = F.normalize(self.embed_images(img_state), dim=1)[img_index]
-            zt = F.normalize(self.embed_texts(words, lengths), dim=1)
-            logit = logit + self.itm_sim_scale * (zi * zt).sum(1)
+            if itc is None and self.options.itc_run:
+                raise ConfigError("model.itm_residual with model.itc_run needs the first stage's cosine of each pair")
+            if itc is None:
+                zi = F.normalize(self.embed_images(img_state), dim=1)[img_index]
+                zt = F.normalize(self.embed_texts(words, lengths), dim=1)
+                itc = (zi * zt).sum(1)
+            logit = logit + self.itm_sim_scale * itc.to(logit.device, logit.dtype)
         return logit
 
     def score(self, img_state: Tensor, words: Tensor, lengths: Tensor) -> Tensor:
@@ -323,9 +356,11 @@ class ReRanker(FusionMatcher):
             out["image_uni"], out["text_uni"] = self.usa_image(v), self.usa_text(t)
         return out
 
-    def itm_batch_pairs(self, out: dict[str, Tensor], img_idx: Tensor, txt_idx: Tensor) -> Tensor:
-        """Match logits of the batch pairs ``(img_idx[p], txt_idx[p])`` from :meth:`forward`'s states."""
-        return self.itm_pairs(out["img_state"], out["words"][txt_idx], out["lengths"][txt_idx], img_idx)
+    def itm_batch_pairs(self, out: dict[str, Tensor], img_idx: Tensor, txt_idx: Tensor,
+                        itc: Tensor | None = None) -> Tensor:
+        """Match logits of the batch pairs ``(img_idx[p], txt_idx[p])`` from :meth:`forward`'s states
+        (``itc``: the first stage's cosine of each pair, see :meth:`itm_pairs`)."""
+        return self.itm_pairs(out["img_state"], out["words"][txt_idx], out["lengths"][txt_idx], img_idx, itc)
 
     # --- retrieval ------------------------------------------------------------------------
     @torch.no_grad()
@@ -352,12 +387,19 @@ class ReRanker(FusionMatcher):
         return {"img_state": torch.cat(imgs), "img_emb": torch.cat(zi), "words": torch.cat(words),
                 "lengths": lengths, "txt_emb": torch.cat(zt)}
 
-    def pair_scorer(self, img_state: Tensor, words: Tensor, lengths: Tensor) -> Any:
-        """``score_pairs(img_idx, txt_idx)`` over a split's encoded states (for re-ranking)."""
+    def pair_scorer(self, img_state: Tensor, words: Tensor, lengths: Tensor,
+                    first_stage: tuple[Tensor, Tensor] | None = None) -> Any:
+        """``score_pairs(img_idx, txt_idx)`` over a split's encoded states (for re-ranking).
+        ``first_stage``: the frozen dual encoder's normalised (image, caption) embeddings of the
+        split (``itc_run``); their pair cosines feed the residual (``itm_residual``)."""
 
         def score_pairs(img_idx: Tensor, txt_idx: Tensor) -> Tensor:
             uniq, inv = torch.unique(img_idx, return_inverse=True)
+            itc = None
+            if self.itm_residual and first_stage is not None:
+                zi, zt = first_stage
+                itc = (zi[img_idx.cpu()] * zt[txt_idx.cpu()]).sum(1)
             with torch.no_grad():
-                return self.itm_pairs(img_state[uniq], words[txt_idx], lengths[txt_idx], inv)
+                return self.itm_pairs(img_state[uniq], words[txt_idx], lengths[txt_idx], inv, itc)
 
         return score_pairs

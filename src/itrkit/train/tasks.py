@@ -471,8 +471,12 @@ class FusionTask(TrainingTask):
             zi, zt = getattr(batch, "itc_image", None), getattr(batch, "itc_text", None)
             # model.itc_run: hard negatives by the frozen dual encoder's cosine of the batch
             sim = None if zi is None or zt is None else zi.float() @ zt.float().T
+            if sim is not None and self.model.training and getattr(self.model, "itm_residual", False):
+                self.model.init_residual_offset(sim, batch.img_ids)  # once per run (a buffer in the state)
+            # with model.itm_residual the same cosines are the residual of the pairs' match logits
             return self.loss(out, batch.img_ids, batch.t_img, batch.t_txt,
-                             lambda i, t: self.model.itm_batch_pairs(out, i, t), mining_sim=sim)
+                             lambda i, t: self.model.itm_batch_pairs(out, i, t, None if sim is None else sim[i, t]),
+                             mining_sim=sim)
         if self.loss.soft is not None and self.loss.soft.active and (batch.t_img is None or batch.t_txt is None):
             raise ConfigError("CUSA terms (loss.csa / loss.usa > 0) need teacher features: "
                               "set teacher.image_store and teacher.text_store")
