@@ -261,10 +261,14 @@ def test_soft_targets_formula():
     p = torch.softmax(torch.randn(4, 4, dtype=torch.float64), 1)
     q = torch.softmax(torch.randn(4, 4, dtype=torch.float64), 1)
     y_i, y_t = soft_negative_targets(p, q, torch.tensor([2, -1, 0, 1]), torch.tensor([1, 3, -1, 0]), 0.5)
-    ref_i = [0.5 * p[0, 2] / p[0, 0], 0.5 * p[2, 0] / p[2, 2], 0.5 * p[3, 1] / p[3, 3]]
-    ref_t = [0.5 * q[0, 1] / q[0, 0], 0.5 * q[1, 3] / q[1, 1], 0.5 * q[3, 0] / q[3, 3]]
+    ref_i = [0.5 * min(1.0, p[0, 2] / p[0, 0]), 0.5 * min(1.0, p[2, 0] / p[2, 2]), 0.5 * min(1.0, p[3, 1] / p[3, 3])]
+    ref_t = [0.5 * min(1.0, q[0, 1] / q[0, 0]), 0.5 * min(1.0, q[1, 3] / q[1, 1]), 0.5 * min(1.0, q[3, 0] / q[3, 3])]
     assert y_i.tolist() == pytest.approx([float(v) for v in ref_i])
     assert y_t.tolist() == pytest.approx([float(v) for v in ref_t])
+    # a negative the teacher ranks above the anchor's own pair: target s, never above (BCE needs y <= 1)
+    p = torch.tensor([[0.2, 0.7, 0.1], [0.3, 0.3, 0.4], [0.1, 0.1, 0.8]], dtype=torch.float64)
+    y_i, _ = soft_negative_targets(p, p, torch.tensor([1, 2, 0]), torch.tensor([-1, -1, -1]), 1.0)
+    assert y_i.tolist() == pytest.approx([1.0, 1.0, 0.125])
 
 
 def test_forward_terms_step_counter_and_teacher_check(tower):

@@ -8,11 +8,12 @@ same negatives. The ITM loss is the mean binary cross-entropy over the B positiv
 negatives. With CUSA, a mined negative's target is the teacher's soft label relative to the
 anchor's own::
 
-    image-anchored negative (image i, caption j):  y = s · p_I[i, j] / p_I[i, i]
-    caption-anchored negative (caption j, image i): y = s · p_T[j, i] / p_T[j, j]
+    image-anchored negative (image i, caption j):  y = s · min(1, p_I[i, j] / p_I[i, i])
+    caption-anchored negative (caption j, image i): y = s · min(1, p_T[j, i] / p_T[j, j])
 
 ``p[i, j] / p[i, i] = exp((T_ij − T_ii) / τ_s)`` (a softmax row shares its normaliser), so
-``y ∈ (0, s]``: ``s`` for a pair the teacher cannot tell from the anchor, → 0 for an unrelated one.
+``y ∈ (0, s]``: ``s`` for a pair the teacher cannot tell from the anchor (or ranks above it: the
+ratio exceeds 1 there, and a BCE target must stay ≤ 1), → 0 for an unrelated one.
 
 A re-ranker on top of a trained, frozen dual encoder (``model.itc_run``) mines with
 :func:`hardest_negatives` instead: for each row the single most similar non-positive under the
@@ -101,14 +102,14 @@ def soft_negative_targets(p_img: Tensor, p_txt: Tensor, neg_txt: Tensor, neg_img
                           scale: float) -> tuple[Tensor, Tensor]:
     """CUSA ITM soft labels of the mined negatives (see the module doc).
 
-    Image row i with caption row ``neg_txt[i]``: ``scale · p_img[i, j] / p_img[i, i]``; caption row
-    j with image row ``neg_img[j]``: ``scale · p_txt[j, i] / p_txt[j, j]``. Rows with index -1 are
+    Image row i with caption row ``neg_txt[i]``: ``scale · min(1, p_img[i, j] / p_img[i, i])``;
+    caption row j with image row ``neg_img[j]``: ``scale · min(1, p_txt[j, i] / p_txt[j, j])``. Rows with index -1 are
     dropped: the results align with ``neg_txt[neg_txt >= 0]`` and ``neg_img[neg_img >= 0]``.
     """
     rows_i = (neg_txt >= 0).nonzero().squeeze(1)
     rows_t = (neg_img >= 0).nonzero().squeeze(1)
-    y_i = p_img[rows_i, neg_txt[rows_i]] / p_img[rows_i, rows_i]
-    y_t = p_txt[rows_t, neg_img[rows_t]] / p_txt[rows_t, rows_t]
+    y_i = (p_img[rows_i, neg_txt[rows_i]] / p_img[rows_i, rows_i]).clamp(max=1.0)
+    y_t = (p_txt[rows_t, neg_img[rows_t]] / p_txt[rows_t, rows_t]).clamp(max=1.0)
     return scale * y_i, scale * y_t
 
 
