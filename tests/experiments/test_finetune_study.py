@@ -229,3 +229,28 @@ def test_human_metrics_without_annotations_are_skipped_with_one_notice(tmp_path:
     assert err.count("\n") == 1 and f"no {EXPERT_FILE}" in err and "skipped" in err
     assert not (tmp_path / "r0" / "human.json").exists()
     assert runner_mod.TABLE_EXTRA[0][0] in HUMAN_KEYS
+
+
+def test_rerank_de_reranks_the_same_seeds_infonce_run_of_the_study(tmp_path: Path, synth: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--methods rerank-de,rerank-de+cusa``: InfoNCE's seed runs are run too (the first stage),
+    and re-ranker seed s has ``model.itc_run`` = InfoNCE's seed-s run, the bundled recipe, the
+    study's cache; the CUSA variant gets the study's teachers."""
+    seen = _fake_runs(monkeypatch)
+    monkeypatch.setattr(Runner, "grid", lambda self, d: tmp_path / "grid.store")
+    out = tmp_path / "study"
+    rep = Reproduction(synth, out, ["rerank-de", "rerank-de+cusa"], 2, 1, str(tmp_path / "cache"), "tiny-image",
+                       "tiny-text", tune=False, finetune="top:2")
+    res = rep.run()
+    assert set(res) == {"infonce", "rerank-de", "rerank-de+cusa"}
+    runs = {(Path(c.out).parent.name, Path(c.out).name): c for c in seen}
+    assert set(runs) == {(m, f"seed{s}") for m in ("infonce", "rerank-de", "rerank-de+cusa") for s in (0, 1)}
+    for m in ("rerank-de", "rerank-de+cusa"):
+        for s in (0, 1):
+            c = runs[(m, f"seed{s}")]
+            assert c.model.name == "rerank" and c.seed == s and c.model.word_features == "minilm"
+            assert c.model.itc_run == str(out / "runs" / "infonce" / f"seed{s}")
+            assert c.cache_dir == str(tmp_path / "cache") and c.data.grid_store == str(tmp_path / "grid.store")
+            assert bool(c.teacher.image_store) == (m == "rerank-de+cusa")
+    assert runs[("rerank-de+cusa", "seed0")].loss.soft_itm > 0
+    assert runs[("infonce", "seed0")].model.text_trainable == "top:2"  # the first stage is the study's own run

@@ -59,6 +59,11 @@ class Reproduction:
             raise ConfigError("seeds and epochs must be >= 1")
         self.fusion = [m for m in methods if m in FUSION_METHODS]
         methods = [m for m in methods if m not in FUSION_METHODS]
+        for name in self.fusion:  # a re-ranker's first stage: that method's seed runs are needed too
+            dep = METHODS[name].first_stage
+            if dep and dep not in methods:
+                print(f"{name} re-ranks {dep}'s runs: {dep} is run (or reused) too", file=sys.stderr)
+                methods.append(dep)
         self.fusion_epochs = fusion_epochs
         self.fusion_extra = list(fusion_overrides or [])  # --set items for every fusion run
         for name, gi in (fixed or {}).items():
@@ -248,7 +253,10 @@ class Reproduction:
 
         method = METHODS[name]
         run = self.out / "runs" / name / f"seed{seed}"
-        ov = [f"data.path={self.dataset_dir}", f"data.grid_store={grid}", f"out={run}", f"seed={seed}",
+        first = [f"model.itc_run={self.out / 'runs' / method.first_stage / f'seed{seed}'}"] if method.first_stage else []
+        if self.cache:
+            first.append(f"cache_dir={self.cache}")
+        ov = [f"data.path={self.dataset_dir}", f"data.grid_store={grid}", f"out={run}", f"seed={seed}", *first,
               *(self._teachers(0) if method.teachers else []), *extra, *self.fusion_extra]
         return load_train_config(resolve_config(method.recipe), ov)
 

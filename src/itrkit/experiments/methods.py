@@ -47,6 +47,7 @@ class Method:
     kind: str = "tuned"  # tuned | recipe | ensemble
     recipe: str = ""  # recipe: the bundled config's name
     members: tuple[str, ...] = ()  # ensemble: the methods whose score matrices are averaged
+    first_stage: str = ""  # recipe: a re-ranker over this tuned method's same-seed run (model.itc_run)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
@@ -96,6 +97,11 @@ for _name, _recipe in (("sgr", "sgr"), ("saf", "saf"), ("sgr+cusa", "sgr_cusa"),
                        ("rerank", "rerank"), ("rerank+cusa", "rerank_cusa")):
     METHODS[_name] = Method(_name, kind="recipe", recipe=_recipe, teachers=_name.endswith("+cusa"),
                             description=f"fusion matcher, bundled recipe {_recipe}")
+# Re-rankers on a trained dual encoder: the same seed's run of the study's InfoNCE is the frozen
+# first stage (its ranking, its hard negatives); only the cross-attention ITM head trains.
+for _name, _recipe in (("rerank-de", "minilm/rerank_de"), ("rerank-de+cusa", "minilm/rerank_de_cusa")):
+    METHODS[_name] = Method(_name, kind="recipe", recipe=_recipe, teachers=_name.endswith("+cusa"), first_stage="infonce",
+                            description=f"ITM re-ranker over the same seed's InfoNCE run, bundled recipe {_recipe}")
 METHODS["sgraf"] = Method("sgraf", kind="ensemble", members=("sgr", "saf"), description="SGRAF = mean of SGR and SAF scores")
 METHODS["sgraf+cusa"] = Method("sgraf+cusa", kind="ensemble", members=("sgr+cusa", "saf+cusa"),
                                description="SGRAF + CUSA = mean of SGR+CUSA and SAF+CUSA scores")
