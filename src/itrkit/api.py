@@ -43,7 +43,7 @@ def evaluate(run_or_model: str | Path | Any, data: str | Path | None = None, spl
 
     ``run_or_model``: a run folder (``data`` defaults to the run's own data set) or a model from
     :func:`load_model` (then ``data`` is needed). ``protocol``: ``full``, ``coco5k``, ``coco1k``,
-    ``flickr30k-1k`` or ``flickr8k-human`` (dual encoders; fusion matchers use ``full``).
+    ``flickr30k-1k`` or ``flickr8k-human`` (fusion matchers: ``full`` or ``flickr8k-human``).
     ``grid_store``: a fusion model object's region features (a run folder knows its own).
     """
     if isinstance(run_or_model, str | Path):
@@ -53,9 +53,9 @@ def evaluate(run_or_model: str | Path | Any, data: str | Path | None = None, spl
         if is_fusion_run(run):
             from itrkit.eval.fusion import evaluate_fusion_runs
 
-            _full_only(protocol)
-            return evaluate_fusion_runs([run], data=data, split=split, grid_store=grid_store,
-                                        max_images=max_images, progress=False, device=device, cache_dir=cache_dir)
+            _fusion_protocol(protocol)
+            return evaluate_fusion_runs([run], data=data, split=split, grid_store=grid_store, max_images=max_images,
+                                        progress=False, device=device, cache_dir=cache_dir, protocol=protocol)
         from itrkit.eval.run import evaluate_run
 
         return evaluate_run(run, data=None if data is None else str(data), split=split, protocol=protocol,
@@ -75,16 +75,21 @@ def evaluate(run_or_model: str | Path | Any, data: str | Path | None = None, spl
         emb = embed_dataset(model, ds, cache_dir)
         return dict(evaluate_dataset_protocol(emb["image_embeds"], emb["text_embeds"], ds, protocol))
     if callable(getattr(model, "score_all", None)) or callable(getattr(model, "encode_split", None)):
-        from itrkit.eval.fusion import open_split, split_metrics
+        from itrkit.eval.fusion import open_split, split_human_metrics, split_metrics
 
-        _full_only(protocol)
+        _fusion_protocol(protocol)
         if not grid_store:
             raise ConfigError("itrkit.evaluate(fusion model, data): pass grid_store= (region features of the "
                               "data set, itrkit grid), or evaluate the run folder")
-        return split_metrics(model, open_split(model, ds, grid_store, cache_dir, dataset=whole), progress=False)[0]
+        fsplit = open_split(model, ds, grid_store, cache_dir, dataset=whole)
+        if protocol == "flickr8k-human":
+            return split_human_metrics(model, fsplit, progress=False)
+        return split_metrics(model, fsplit, progress=False)[0]
     raise ConfigError(f"itrkit.evaluate: {type(model).__name__} is neither a run folder nor an itrkit model")
 
 
-def _full_only(protocol: str) -> None:
-    if protocol != "full":
-        raise ConfigError(f"fusion matchers are evaluated with the full protocol only, not '{protocol}'")
+def _fusion_protocol(protocol: str) -> None:
+    from itrkit.eval.fusion import FUSION_PROTOCOLS
+
+    if protocol not in FUSION_PROTOCOLS:
+        raise ConfigError(f"fusion matchers are evaluated with the full or flickr8k-human protocol only, not '{protocol}'")

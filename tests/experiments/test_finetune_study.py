@@ -236,13 +236,31 @@ def test_rerank_de_reranks_the_same_seeds_infonce_run_of_the_study(tmp_path: Pat
     """``--methods rerank-de,rerank-de+cusa``: InfoNCE's seed runs are run too (the first stage),
     and re-ranker seed s has ``model.itc_run`` = InfoNCE's seed-s run, the bundled recipe, the
     study's cache; the CUSA variant gets the study's teachers."""
+    import itrkit.eval.fusion as fusion_mod
+
     seen = _fake_runs(monkeypatch)
     monkeypatch.setattr(Runner, "grid", lambda self, d: tmp_path / "grid.store")
+    monkeypatch.setattr(Runner, "_annotations", lambda self, ds, where: tmp_path)
+    monkeypatch.setattr(Runner, "human", lambda self, cfg: {})  # the dual encoders' own: tested above
+    asked = []
+
+    def fake_human(runs, **kw):  # noqa: ANN001, ANN003, ANN202
+        asked.append(([Path(r) for r in runs], kw["annotations_dir"]))
+        return {k: float(len(asked)) for k in HUMAN_KEYS}
+
+    monkeypatch.setattr(fusion_mod, "fusion_human_metrics", fake_human)
     out = tmp_path / "study"
     rep = Reproduction(synth, out, ["rerank-de", "rerank-de+cusa"], 2, 1, str(tmp_path / "cache"), "tiny-image",
                        "tiny-text", tune=False, finetune="top:2")
     res = rep.run()
     assert set(res) == {"infonce", "rerank-de", "rerank-de+cusa"}
+    # every re-ranker seed run gets the human-judgment metrics of its own folder (test only), cached
+    for m in ("rerank-de", "rerank-de+cusa"):
+        for s, run in enumerate(res[m]["runs"]):
+            folder = out / "runs" / m / f"seed{s}"
+            assert ([folder], tmp_path) in asked and json.loads((folder / "human.json").read_text()) == \
+                {k: run[k] for k in HUMAN_KEYS}
+        assert "f8k_human_t2i_map@r_mean" in res[m]
     runs = {(Path(c.out).parent.name, Path(c.out).name): c for c in seen}
     assert set(runs) == {(m, f"seed{s}") for m in ("infonce", "rerank-de", "rerank-de+cusa") for s in (0, 1)}
     for m in ("rerank-de", "rerank-de+cusa"):

@@ -68,18 +68,19 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     runs = a.run if isinstance(a.run, list) else [a.run]
     if len(runs) > 1 or is_fusion_run(runs[0]):
         from itrkit.errors import ConfigError
-        from itrkit.eval.fusion import evaluate_fusion_runs
+        from itrkit.eval.fusion import FUSION_PROTOCOLS, evaluate_fusion_runs
 
-        if a.protocol != "full" or a.eccv or a.sts or a.unimodal:
-            raise ConfigError("fusion runs and ensembles are evaluated with the full protocol only "
-                              "(no --protocol/--eccv/--sts/--unimodal)")
+        if a.protocol not in FUSION_PROTOCOLS or a.eccv or a.sts or a.unimodal:
+            raise ConfigError("fusion runs and ensembles are evaluated with the full or flickr8k-human protocol "
+                              "only (no other --protocol, no --eccv/--sts/--unimodal)")
         metrics = evaluate_fusion_runs(runs, data=a.data, split=a.split, grid_store=getattr(a, "grid", None),
                                        max_images=a.max_images, progress=not getattr(a, "quiet", False),
                                        rerank_k=getattr(a, "rerank_k", None), device=a.device,
                                        cache_dir=getattr(a, "cache", None),
-                                       itm_weight=getattr(a, "itm_weight", None))
+                                       itm_weight=getattr(a, "itm_weight", None), protocol=a.protocol,
+                                       annotations_dir=getattr(a, "annotations", None))
         name = " + ".join(Path(r).name for r in runs)
-        print(format_table({f"{name} ({a.split})": metrics}))
+        print(format_table({f"{name} ({a.split})" if a.protocol == "full" else f"{name} ({a.split}, {a.protocol})": metrics}))
         out = Path(a.json) if a.json else Path(runs[0]) / (f"eval_{a.split}_{a.protocol}" + ("_ensemble" if len(runs) > 1 else "") + ".json")
         atomic_write_json(out, {"runs": [str(r) for r in runs], "split": a.split, **metrics})
         print(f"metrics written to {out}")
@@ -174,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test")
     e.add_argument("--protocol", default="full", choices=("full", "coco5k", "coco1k", "flickr30k-1k", "flickr8k-human"))
     e.add_argument("--annotations", default=None, metavar="DIR",
-                   help="flickr8k-human: folder of ExpertAnnotations.txt / CrowdFlowerAnnotations.txt "
-                        "(default: found beside the images)")
+                   help="flickr8k-human (dual encoders, fusion runs and ensembles): folder of ExpertAnnotations.txt / "
+                        "CrowdFlowerAnnotations.txt (default: found beside the images)")
     e.add_argument("--eccv", action="store_true", help="also ECCV Caption metrics (COCO ids)")
     e.add_argument("--sts", default=None, help="STS data folder: also text-side STS Spearman")
     e.add_argument("--cache", default=None)

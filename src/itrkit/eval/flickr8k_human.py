@@ -9,7 +9,9 @@ images, each line ``image.jpg<TAB>caption.jpg#k<TAB>…``:
 
 Only pairs whose caption belongs to *another* image count for agreement (the 158 / 721 own-caption
 pairs are left out, as in the caption-metric literature). A pair's model score is the cosine of
-its image and caption embeddings (float64).
+its image and caption embeddings (float64; :func:`evaluate_flickr8k_human`), or for models that
+score pairs (fusion matchers, ensembles, re-rankers; :func:`evaluate_flickr8k_human_scores`) the
+model's own score of the pair.
 
 - ``f8k_expert_tau_c``: Kendall τ_c ×100 between model scores and expert scores over every
   individual judgment (each pair's three scores are three entries, the model score repeated:
@@ -25,7 +27,8 @@ positives of an image are its own captions plus every caption judged for it with
 percent-yes ≥ 0.5 (``2·#yes ≥ #yes + #no``, the same on these files) or an expert mean ≥ 3 (sum of
 the three scores ≥ 9); the positives of a caption are its own image plus every image for which it
 was judged positive so. With ``R`` = the query's number of positives and ``rel(r)`` whether the
-r-th retrieved item is one (ranking by descending cosine; ties: lower gallery index first):
+r-th retrieved item is one (ranking by descending cosine, or by the model's score matrix;
+ties: lower gallery index first):
 
 - mAP@R = (1/R) Σ_{r ≤ R} rel(r) · P(r), ``P(r)`` = share of positives in the top r;
 - R-Precision = P(R); both averaged over queries, ×100 (keys ``f8k_human_{i2t,t2i}_{map@r,rp}``).
@@ -35,12 +38,16 @@ number is the info key ``f8k_skipped_pairs``); ``R`` counts only positives among
 query with no positive among the rows (a caption whose image is absent and that no one judged
 for a present image) is not scored. Info keys beside the six metrics: ``f8k_expert_pairs`` and
 ``f8k_cf_pairs`` (cross-image pairs behind the two τ), ``f8k_skipped_pairs``.
+
+Both entry points are thin layers over one implementation (``_human_metrics``), which takes the
+pair scores and the score rows of each direction's queries as functions: the metric logic cannot
+drift between dual encoders and score-matrix models.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -236,6 +243,11 @@ def kendall_tau_weighted(x: np.ndarray, y: np.ndarray, w: np.ndarray, variant: s
 # --------------------------------------------------------------------------------------------
 # Graded retrieval
 # --------------------------------------------------------------------------------------------
+# query rows (int64) -> their (len, gallery size) float64 scores; pairs -> their 1-D model scores
+RowScores = Callable[[np.ndarray], np.ndarray]
+PairScores = Callable[[np.ndarray, np.ndarray], Any]
+
+
 def _as_unit64(x: Any, what: str) -> np.ndarray:
     a = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
     a = np.asarray(a, dtype=np.float64)
@@ -246,15 +258,32 @@ def _as_unit64(x: Any, what: str) -> np.ndarray:
     return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
 
 
-def map_at_r_scores(queries: np.ndarray, gallery: np.ndarray, pos_q: np.ndarray, pos_g: np.ndarray,
-                    chunk_size: int = 256) -> tuple[float, float, int]:
-    """(mAP@R, R-Precision, number of queries scored) for unit-row ``queries`` against ``gallery``.
+def _as_matrix(x: Any, what: str, chunk_size: int) -> np.ndarray:
+    """``x`` as a 2-D float array without copying float32 / float64 data (rows are converted to
+    float64 chunk by chunk where they are ranked); checked finite, ``chunk_size`` rows at a time."""
+    if hasattr(x, "detach"):
+        t = x.detach().cpu()
+        if str(t.dtype) not in ("torch.float32", "torch.float64"):
+            t = t.double()
+        a = t.numpy()
+    else:
+        a = np.asarray(x)
+        if a.dtype not in (np.float32, np.float64):
+            a = a.astype(np.float64)
+    if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
+        raise DataError(f"{what} must be a non-empty images × captions matrix, got shape {a.shape}")
+    for s in range(0, len(a), chunk_size):
+        bad = ~np.isfinite(a[s:s + chunk_size]).all(1)
+        if bad.any():
+            raise DataError(f"{what} holds NaN or Inf (image row {s + int(np.argmax(bad))})")
+    return a
 
-    ``(pos_q[j], pos_g[j])`` are the (query, gallery item) positive pairs (unique). Queries
-    without a positive are not scored. Ranks: descending cosine, ties by lower gallery index
-    (a stable sort of the negated scores). Score rows are computed ``chunk_size`` at a time.
-    """
-    n_pos = np.bincount(pos_q, minlength=len(queries))
+
+def _map_at_r(row_scores: RowScores, n_queries: int, pos_q: np.ndarray, pos_g: np.ndarray,
+              chunk_size: int) -> tuple[float, float, int]:
+    """(mAP@R, R-Precision, queries scored) of queries ``0..n_queries-1`` whose gallery scores are
+    ``row_scores(query rows)``, ``chunk_size`` queries at a time (see :func:`map_at_r_scores`)."""
+    n_pos = np.bincount(pos_q, minlength=n_queries)
     scored = np.flatnonzero(n_pos > 0)
     pg = pos_g[np.argsort(pos_q, kind="stable")]  # grouped by query: start[q]:start[q + 1]
     start = np.concatenate([[0], np.cumsum(n_pos)])
@@ -263,7 +292,7 @@ def map_at_r_scores(queries: np.ndarray, gallery: np.ndarray, pos_q: np.ndarray,
         qs = scored[s:s + chunk_size]
         r = n_pos[qs]
         k = int(r.max())
-        scores = queries[qs] @ gallery.T
+        scores = row_scores(qs)
         top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         mask = np.zeros(scores.shape, dtype=bool)
         for i, q in enumerate(qs):
@@ -280,9 +309,20 @@ def map_at_r_scores(queries: np.ndarray, gallery: np.ndarray, pos_q: np.ndarray,
     return ap_sum / n, rp_sum / n, n
 
 
-def _index(names: Sequence[str], what: str, n: int) -> dict[str, int]:
+def map_at_r_scores(queries: np.ndarray, gallery: np.ndarray, pos_q: np.ndarray, pos_g: np.ndarray,
+                    chunk_size: int = 256) -> tuple[float, float, int]:
+    """(mAP@R, R-Precision, number of queries scored) for unit-row ``queries`` against ``gallery``.
+
+    ``(pos_q[j], pos_g[j])`` are the (query, gallery item) positive pairs (unique). Queries
+    without a positive are not scored. Ranks: descending cosine, ties by lower gallery index
+    (a stable sort of the negated scores). Score rows are computed ``chunk_size`` at a time.
+    """
+    return _map_at_r(lambda qs: queries[qs] @ gallery.T, len(queries), pos_q, pos_g, chunk_size)
+
+
+def _index(names: Sequence[str], what: str, n: int, rows: str = "") -> dict[str, int]:
     if len(names) != n:
-        raise DataError(f"{len(names)} {what} names for {n} {what} embeddings")
+        raise DataError(f"{len(names)} {what} names for {n} {rows or what + ' embeddings'}")
     out: dict[str, int] = {}
     for i, name in enumerate(names):
         name = str(name)
@@ -328,18 +368,25 @@ def judged_pairs(image_names: Sequence[str], caption_ids: Sequence[str], annotat
     return {(int(i), int(c)) for i, c, o in zip(ii, cc, own) if not o}
 
 
-def evaluate_flickr8k_human(img_emb: Any, txt_emb: Any, image_names: Sequence[str], caption_ids: Sequence[str],
-                            annotations_dir: str | Path, chunk_size: int = 256) -> dict[str, float]:
-    """The six Flickr8k human-judgment metrics (×100) plus the info keys (module docstring).
+def _pair_model_scores(pair_scores: PairScores, i: np.ndarray, c: np.ndarray) -> np.ndarray:
+    got = pair_scores(i, c)
+    got = got.detach().cpu().numpy() if hasattr(got, "detach") else got
+    out = np.asarray(got, dtype=np.float64).reshape(-1)
+    if len(out) != len(i):
+        raise DataError(f"pair_scores returned {len(out)} scores for {len(i)} pairs")
+    if not np.isfinite(out).all():
+        raise DataError(f"pair_scores returned NaN or Inf for pair (image row {int(i[~np.isfinite(out)][0])}, "
+                        f"caption row {int(c[~np.isfinite(out)][0])})")
+    return out
 
-    ``image_names[n]`` is the file name of ``img_emb[n]`` as the annotations write it
-    (``x.jpg``), ``caption_ids[m]`` the id of ``txt_emb[m]`` (``x.jpg#k``).
-    """
-    img, txt = _as_unit64(img_emb, "image"), _as_unit64(txt_emb, "text")
-    if img.shape[1] != txt.shape[1]:
-        raise DataError(f"image embeddings have dimension {img.shape[1]}, text embeddings {txt.shape[1]}")
-    img_index = _index(image_names, "image", len(img))
-    cap_index = _index(caption_ids, "caption", len(txt))
+
+def _human_metrics(img_index: dict[str, int], cap_index: dict[str, int], annotations_dir: str | Path,
+                   pair_scores: PairScores, i2t_rows: RowScores, t2i_rows: RowScores,
+                   chunk_size: int) -> dict[str, float]:
+    """The one implementation of the six metrics and the info keys (module docstring), for any
+    model: ``pair_scores(image rows, caption rows)`` gives the score of each annotated pair (the two
+    τ), ``i2t_rows(image rows)`` / ``t2i_rows(caption rows)`` the gallery scores each query's
+    ranking sorts (descending, ties by the lower gallery index)."""
     bad = next((c for c in cap_index if not caption_image(c) or not c.rpartition("#")[2].isdigit()), None)
     if bad is not None:
         raise DataError(f"caption id {bad!r} is not 'name.jpg#k' (Flickr8k official caption ids)")
@@ -354,9 +401,9 @@ def evaluate_flickr8k_human(img_emb: Any, txt_emb: Any, image_names: Sequence[st
         counts[name] = len(rows)
         if not rows:
             raise DataError(f"none of the {len(imgs)} pairs of {Path(annotations_dir) / (EXPERT_FILE if name == 'expert' else CROWDFLOWER_FILE)} "
-                            f"is among the {len(img)} images / {len(txt)} captions (the judgments are on the official test split)")
+                            f"is among the {len(img_index)} images / {len(cap_index)} captions (the judgments are on the official test split)")
         j, i, c = (np.array(v, dtype=np.int64) for v in zip(*rows))
-        model = np.einsum("ij,ij->i", img[i], txt[c])
+        model = _pair_model_scores(pair_scores, i, c)
         if name == "expert":
             sc = judg.expert_scores[j]
             x, y, w = np.repeat(model, 3), sc.reshape(-1), np.ones(sc.size, dtype=np.int64)
@@ -367,9 +414,59 @@ def evaluate_flickr8k_human(img_emb: Any, txt_emb: Any, image_names: Sequence[st
             w = np.concatenate([judg.cf_yes[j], judg.cf_no[j]])
             out[key] = 100.0 * kendall_tau_weighted(x, y, w, "b")
     pi, pc, skipped = positive_pairs(judg, img_index, cap_index)
-    for d, q, g, pq, pg in (("i2t", img, txt, pi, pc), ("t2i", txt, img, pc, pi)):
-        ap, rp, _ = map_at_r_scores(q, g, pq, pg, chunk_size)
+    for d, rows_of, n, pq, pg in (("i2t", i2t_rows, len(img_index), pi, pc), ("t2i", t2i_rows, len(cap_index), pc, pi)):
+        ap, rp, _ = _map_at_r(rows_of, n, pq, pg, chunk_size)
         out[f"f8k_human_{d}_map@r"], out[f"f8k_human_{d}_rp"] = 100.0 * ap, 100.0 * rp
     res: dict[str, float] = {k: out[k] for k in METRIC_KEYS}
     res.update({"f8k_expert_pairs": counts["expert"], "f8k_cf_pairs": counts["cf"], "f8k_skipped_pairs": skipped})
     return res
+
+
+def evaluate_flickr8k_human(img_emb: Any, txt_emb: Any, image_names: Sequence[str], caption_ids: Sequence[str],
+                            annotations_dir: str | Path, chunk_size: int = 256) -> dict[str, float]:
+    """The six Flickr8k human-judgment metrics (×100) plus the info keys (module docstring).
+
+    ``image_names[n]`` is the file name of ``img_emb[n]`` as the annotations write it
+    (``x.jpg``), ``caption_ids[m]`` the id of ``txt_emb[m]`` (``x.jpg#k``). Model scores: float64
+    cosines, both for the τ and for the rankings (score rows computed ``chunk_size`` at a time).
+    """
+    img, txt = _as_unit64(img_emb, "image"), _as_unit64(txt_emb, "text")
+    if img.shape[1] != txt.shape[1]:
+        raise DataError(f"image embeddings have dimension {img.shape[1]}, text embeddings {txt.shape[1]}")
+    img_index = _index(image_names, "image", len(img))
+    cap_index = _index(caption_ids, "caption", len(txt))
+    return _human_metrics(img_index, cap_index, annotations_dir,
+                          lambda i, c: np.einsum("ij,ij->i", img[i], txt[c]),
+                          lambda qs: img[qs] @ txt.T, lambda qs: txt[qs] @ img.T, chunk_size)
+
+
+def evaluate_flickr8k_human_scores(scores: Any, image_names: Sequence[str], caption_ids: Sequence[str],
+                                   annotations_dir: str | Path, *, t2i_scores: Any = None,
+                                   pair_scores: PairScores | None = None,
+                                   chunk_size: int = 256) -> dict[str, float]:
+    """:func:`evaluate_flickr8k_human` for a model that scores pairs rather than embedding them
+    (fusion matchers, ensembles, re-rankers): same keys, positives, skipping rules and errors.
+
+    ``scores``: (N_img, N_txt) array or tensor, ``image_names`` / ``caption_ids`` name its rows /
+    columns. Rankings: image n's (i2t) sorts ``scores[n]`` descending, ties by the lower caption
+    index; caption m's (t2i) sorts ``(t2i_scores if given else scores)[:, m]`` descending, ties by
+    the lower image index (``t2i_scores``: same shape; a re-ranker's t2i order is not the i2t
+    matrix's, see :func:`itrkit.eval.fusion.rerank_scores`). The model score of an annotated pair
+    (the two τ): ``pair_scores(image rows, caption rows) -> 1-D scores`` if given, else
+    ``scores[i, c]``. Rows are converted to float64 ``chunk_size`` at a time; float32 / float64
+    inputs are not copied whole.
+    """
+    s = _as_matrix(scores, "score matrix", chunk_size)
+    t = s if t2i_scores is None else _as_matrix(t2i_scores, "t2i score matrix", chunk_size)
+    if t.shape != s.shape:
+        raise DataError(f"t2i scores have shape {t.shape}, the score matrix {s.shape} (both images × captions)")
+    n, m = s.shape
+    img_index = _index(image_names, "image", n, "image rows of the score matrix")
+    cap_index = _index(caption_ids, "caption", m, "caption columns of the score matrix")
+
+    def own_pairs(i: np.ndarray, c: np.ndarray) -> np.ndarray:
+        return s[i, c].astype(np.float64)
+
+    return _human_metrics(img_index, cap_index, annotations_dir, own_pairs if pair_scores is None else pair_scores,
+                          lambda qs: np.asarray(s[qs], dtype=np.float64),
+                          lambda qs: np.asarray(t[:, qs].T, dtype=np.float64), chunk_size)

@@ -29,6 +29,14 @@ its embeddings of a split come from :func:`itrkit.models.embed.embed_dataset`, t
 feature cache). Metrics: the plain keys (``rsum``, ``i2t_R@1`` …) are the final score's, ``itc_*``
 the first stage alone, and ``itm_only_*`` (when ``w`` is finite) the ITM order within the same
 top k. :func:`choose_rerank` picks ``(rerank_k, itm_weight)`` by dev RSUM.
+
+**Flickr8k human judgments** (``protocol="flickr8k-human"``, :func:`fusion_human_metrics`,
+:func:`split_human_metrics`): graded retrieval needs each query's whole ranking and the two τ a
+score per judged pair. A score-matrix model (or ensemble) gives both from its matrix. A re-ranker
+gives them from :func:`rerank_scores`: its final ranking of each direction as a position-coded
+matrix (the same blocks and ITM calls as its retrieval metrics) and its final score ``itc + w · itm``
+of any pair (ITM alone for ``w = inf``, the first stage for ``rerank_k = 0``), whether or not the
+pair made a top k.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ import torch
 from itrkit.data.records import Dataset
 from itrkit.errors import ConfigError, DataError
 from itrkit.eval.rerank import make_rerank
-from itrkit.eval.retrieval import evaluate_retrieval, metrics_from_scores
+from itrkit.eval.retrieval import evaluate_retrieval, l2_normalize, metrics_from_scores
 from itrkit.models.fusion_base import FusionBatch, FusionMatcher, frozen_minilm, lengths_from_mask, minilm_cut
 from itrkit.utils.device import move_to, resolve_device
 
@@ -286,6 +294,52 @@ class _Encoded:
         rerank = None if k == 0 else _final_score_rerank(self.memos, k, itm_weight, batch_size, progress)
         return evaluate_retrieval(self.img_emb, self.txt_emb, txt2img, chunk_size, rerank=rerank)
 
+    def orders(self, k: int, itm_weight: float, batch_size: int, chunk_size: int,
+               progress: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(S, i2t, t2i), each (N_img, N_txt) float32: the first-stage cosines and the final
+        rankings as matrices (i2t: row n sorted descending is image n's ranking; t2i: column m is
+        caption m's). Built from the blocks :meth:`metrics` ranks (the same ``chunk_size`` query
+        rows, the same float32 first-stage scores per direction, the same callback and memories),
+        so their orders are exactly the ones behind the retrieval metrics."""
+        img, txt = l2_normalize(self.img_emb), l2_normalize(self.txt_emb)
+        rerank = None if k == 0 else _final_score_rerank(self.memos, k, itm_weight, batch_size, progress)
+
+        def direction(queries: torch.Tensor, gallery: torch.Tensor, name: str,
+                      keep_first: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+            n = len(queries)
+            first = torch.empty(n, len(gallery), dtype=torch.float32) if keep_first or rerank is None else None
+            final = first if rerank is None else torch.empty(n, len(gallery), dtype=torch.float32)
+            assert final is not None
+            for s in range(0, n, chunk_size):
+                rows = torch.arange(s, min(s + chunk_size, n))
+                sc = torch.matmul(queries[s:s + len(rows)], gallery.T)
+                if first is not None:
+                    first[rows] = sc
+                if rerank is not None:
+                    final[rows] = torch.as_tensor(rerank(sc, rows, name), dtype=torch.float32)
+            return first, final
+
+        first, i2t = direction(img, txt, "i2t", True)
+        _, t2i = direction(txt, img, "t2i", False)
+        assert first is not None
+        return first, i2t, t2i.T
+
+    def itm_of_pairs(self, img_idx: torch.Tensor, txt_idx: torch.Tensor, batch_size: int,
+                     progress: bool) -> torch.Tensor:
+        """ITM logits (float64) of any pairs: from either direction's memory when a re-ranking
+        already scored them, the rest scored once (in ``batch_size`` pairs) and remembered."""
+        from itrkit.utils.progress import progress as progress_lines
+
+        known_i, known_t = self.memos["i2t"].known, self.memos["t2i"].known
+        n_txt = self.memos["i2t"].n_txt
+        keys = (img_idx.long() * n_txt + txt_idx.long()).tolist()
+        miss = torch.tensor(sorted({q for q in keys if q not in known_i and q not in known_t}), dtype=torch.long)
+        starts = range(0, len(miss), batch_size)
+        for s in progress_lines(starts, desc="ITM of judged pairs", unit="batch", enabled=progress and len(miss) > 0):
+            b = miss[s:s + batch_size]
+            self.memos["i2t"](b // n_txt, b % n_txt)
+        return torch.tensor([known_i[q] if q in known_i else known_t[q] for q in keys], dtype=torch.float64)
+
 
 @torch.no_grad()
 def evaluate_reranker(model: Any, regions: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, txt2img: Any,
@@ -299,23 +353,102 @@ def evaluate_reranker(model: Any, regions: torch.Tensor, tokens: torch.Tensor, l
     model's). ``first_stage``: (image, caption) embeddings of a frozen dual encoder
     (``model.itc_run``) instead of the model's own ITC head. ``word_states``: the captions' MiniLM
     states (``word_features=minilm``; a tensor or a reader of rows ``[start, stop)``)."""
-    k = model.rerank_k if rerank_k is None else int(rerank_k)
-    w = float(getattr(model, "itm_weight", math.inf) if itm_weight is None else itm_weight)
-    if k < 0 or not w >= 0:
-        raise ConfigError(f"rerank_k must be >= 0 and itm_weight >= 0, got {k} and {w}")
+    k, w = _rerank_setting(model, rerank_k, itm_weight)
     was = model.training
     model.eval()
     try:
         enc = _Encoded(model, regions, tokens, lengths, word_states, first_stage, progress)
-        out: dict[str, dict[str, float]] = {}
-        if itc or k == 0:
-            out["itc"] = enc.metrics(txt2img, 0, w, model.pair_batch, chunk_size, progress)
-        out["rerank"] = out["itc"] if k == 0 else enc.metrics(txt2img, k, w, model.pair_batch, chunk_size, progress)
-        if k and not math.isinf(w):
-            out["itm_only"] = enc.metrics(txt2img, k, math.inf, model.pair_batch, chunk_size, progress)
+        return _reranker_metrics(enc, txt2img, k, w, model.pair_batch, chunk_size, progress, itc)
     finally:
         model.train(was)
+
+
+def _rerank_setting(model: Any, rerank_k: int | None, itm_weight: float | None) -> tuple[int, float]:
+    """(k, w): the given values, else the model's saved ones; checked."""
+    k = model.rerank_k if rerank_k is None else int(rerank_k)
+    w = float(getattr(model, "itm_weight", math.inf) if itm_weight is None else itm_weight)
+    if k < 0 or not w >= 0:
+        raise ConfigError(f"rerank_k must be >= 0 and itm_weight >= 0, got {k} and {w}")
+    return k, w
+
+
+def _reranker_metrics(enc: _Encoded, txt2img: Any, k: int, w: float, batch_size: int, chunk_size: int,
+                      progress: bool, itc: bool = True) -> dict[str, dict[str, float]]:
+    """The ``itc`` / ``rerank`` / ``itm_only`` metrics of :func:`evaluate_reranker` from one encoding."""
+    out: dict[str, dict[str, float]] = {}
+    if itc or k == 0:
+        out["itc"] = enc.metrics(txt2img, 0, w, batch_size, chunk_size, progress)
+    out["rerank"] = out["itc"] if k == 0 else enc.metrics(txt2img, k, w, batch_size, chunk_size, progress)
+    if k and not math.isinf(w):
+        out["itm_only"] = enc.metrics(txt2img, k, math.inf, batch_size, chunk_size, progress)
     return out
+
+
+def _flat_reranker_metrics(r: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The plain keys of the final score, ``itc_*`` and ``itm_only_*`` beside (:func:`split_metrics`)."""
+    out = {**r["rerank"], **{f"itc_{k}": v for k, v in r["itc"].items()}}
+    out.update({f"itm_only_{k}": v for k, v in r.get("itm_only", {}).items()})
+    return out
+
+
+@dataclasses.dataclass
+class RerankScores:
+    """A re-ranker's final rankings of a split as score matrices, for metrics that need each
+    query's whole ranking rather than the rank of its own match (the Flickr8k human judgments).
+
+    ``i2t`` / ``t2i`` hold :func:`itrkit.eval.rerank.make_rerank`'s position-coded values (the
+    item at final position p of a query gets G − p), so sorting them descending gives the final
+    order exactly; they differ because each direction re-ranks its own top k."""
+
+    first_stage: torch.Tensor  # (N_img, N_txt) float32: S, the first stage's cosines
+    i2t: torch.Tensor  # (N_img, N_txt): row n sorted descending = image n's final caption ranking
+    t2i: torch.Tensor  # (N_img, N_txt): column m sorted descending = caption m's final image ranking
+    pair_scores: Callable[[Any, Any], np.ndarray]  # the final score function of pairs (float64)
+    metrics: dict[str, float]  # the split_metrics keys of the same ranking
+    rerank_k: int
+    itm_weight: float
+
+
+@torch.no_grad()
+def rerank_scores(model: Any, split: FusionSplit, progress: bool = True, rerank_k: int | None = None,
+                  itm_weight: float | None = None, chunk_size: int = 1024) -> RerankScores:
+    """A re-ranker's :class:`RerankScores` on ``split`` from one encoding and one ITM pass.
+
+    First stage S: the split's attached dual encoder (``model.itc_run``) else the model's ITC head;
+    ``rerank_k`` / ``itm_weight`` default to the model's saved ones. The i2t matrix is the
+    re-ranking callback applied to S's image rows (direction "i2t"), the t2i matrix to the
+    caption rows (direction "t2i"), transposed back, in the row blocks of :func:`split_metrics`
+    (the orders behind its metrics). ``pair_scores(img_rows, cap_rows)`` is the final score of a
+    pair, wherever it ranks: ``S + w · itm`` (w finite), ``itm`` (w = inf), ``S`` (k = 0 or w = 0);
+    ITM logits come from the memories of the re-ranking, so no pair is scored twice."""
+    k, w = _rerank_setting(model, rerank_k, itm_weight)
+    batch = model.pair_batch
+    was = model.training
+    model.eval()
+    try:
+        enc = _Encoded(model, split.regions(np.arange(len(split))), split.tokens, split.lengths,
+                       split.word_reader(), split.itc_embeds, progress)
+        metrics = _flat_reranker_metrics(_reranker_metrics(enc, split.txt2img, k, w, batch, chunk_size, progress))
+        first, i2t, t2i = enc.orders(k, w, batch, chunk_size, progress)
+    finally:
+        model.train(was)
+
+    def pair_scores(img_rows: Any, cap_rows: Any) -> np.ndarray:
+        ii = torch.from_numpy(np.ascontiguousarray(img_rows, dtype=np.int64).reshape(-1))
+        cc = torch.from_numpy(np.ascontiguousarray(cap_rows, dtype=np.int64).reshape(-1))
+        itc = first[ii, cc].to(torch.float64)
+        if k == 0 or w == 0:
+            return itc.numpy()
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                itm = enc.itm_of_pairs(ii, cc, batch, progress)
+        finally:
+            model.train(was)
+        return (itm if math.isinf(w) else itc + w * itm).numpy()
+
+    return RerankScores(first, i2t, t2i, pair_scores, metrics, k, w)
 
 
 RERANK_KS = (8, 16, 32)
@@ -372,11 +505,63 @@ def split_metrics(model: FusionMatcher, split: FusionSplit, progress: bool = Tru
         r = evaluate_reranker(model, split.regions(np.arange(len(split))), split.tokens, split.lengths, split.txt2img,
                               progress=progress, rerank_k=rerank_k, word_states=split.word_reader(),
                               itm_weight=itm_weight, first_stage=split.itc_embeds)
-        out = {**r["rerank"], **{f"itc_{k}": v for k, v in r["itc"].items()}}
-        out.update({f"itm_only_{k}": v for k, v in r.get("itm_only", {}).items()})
-        return out, None
+        return _flat_reranker_metrics(r), None
     scores = split_scores(model, split, progress=progress)
     return metrics_from_scores(scores, split.txt2img), scores
+
+
+# --- Flickr8k human judgments ---------------------------------------------------------------------
+def human_annotations(ds: Dataset, annotations_dir: str | Path | None = None) -> tuple[list[str], list[str], Path]:
+    """(image file names, caption ids ``x.jpg#k``, annotation folder) of a Flickr8k split, checked
+    before any scoring: the folder is ``annotations_dir`` or the one found beside the images
+    (:func:`itrkit.eval.flickr8k_human.find_annotations_dir`); a missing folder or file is a
+    one-line :class:`ConfigError` naming it."""
+    from itrkit.eval.flickr8k_human import CROWDFLOWER_FILE, EXPERT_FILE, find_annotations_dir
+    from itrkit.eval.protocols import flickr8k_names
+
+    names, caps = flickr8k_names(ds)
+    if annotations_dir is None:
+        found = find_annotations_dir(ds.image_paths)
+        if found is None:
+            where = Path(ds.image_paths[0]).parent if len(ds) else Path(".")
+            raise ConfigError(f"protocol flickr8k-human: no {EXPERT_FILE} and {CROWDFLOWER_FILE} found in {where}, "
+                              f"its parent or {where.parent / 'Flickr8k_text'}; pass the annotations folder (--annotations DIR)")
+        return names, caps, found
+    folder = Path(annotations_dir)
+    if not folder.is_dir():
+        raise ConfigError(f"protocol flickr8k-human: annotations folder {folder} does not exist")
+    for f in (EXPERT_FILE, CROWDFLOWER_FILE):
+        if not (folder / f).is_file():
+            raise ConfigError(f"protocol flickr8k-human: no {f} in the annotations folder {folder}")
+    return names, caps, folder
+
+
+def split_human_metrics(model: Any, split: FusionSplit, annotations_dir: str | Path | None = None,
+                        progress: bool = True, rerank_k: int | None = None,
+                        itm_weight: float | None = None) -> dict[str, float]:
+    """:func:`split_metrics` plus the Flickr8k human-judgment metrics (the ``flickr8k-human``
+    protocol) of a fusion matcher on a Flickr8k split: a score-matrix model ranks by its matrix and
+    its τ use the pair's score; a re-ranker uses :func:`rerank_scores` (its final rankings and
+    final pair scores)."""
+    metrics, human = _split_human(model, split, human_annotations(split.ds, annotations_dir), progress,
+                                  rerank_k, itm_weight)
+    return {**metrics, **human}
+
+
+def _split_human(model: Any, split: FusionSplit, ann: tuple[list[str], list[str], Path], progress: bool,
+                 rerank_k: int | None, itm_weight: float | None) -> tuple[dict[str, float], dict[str, float]]:
+    """(split_metrics keys, human-judgment keys) of :func:`split_human_metrics` from one scoring."""
+    from itrkit.eval.flickr8k_human import evaluate_flickr8k_human_scores
+
+    names, caps, folder = ann
+    if is_reranker(model):
+        r = rerank_scores(model, split, progress=progress, rerank_k=rerank_k, itm_weight=itm_weight)
+        return r.metrics, evaluate_flickr8k_human_scores(r.i2t, names, caps, folder, t2i_scores=r.t2i,
+                                                         pair_scores=r.pair_scores)
+    metrics, scores = split_metrics(model, split, progress=progress)
+    if scores is None:  # only a re-ranker has no score matrix
+        raise ConfigError(f"{type(model).__name__} gave no score matrix for the Flickr8k human judgments")
+    return metrics, evaluate_flickr8k_human_scores(scores, names, caps, folder)
 
 
 class FusionEvaluator:
@@ -558,10 +743,16 @@ def run_scores(run: str | Path, data: str | Path | None = None, split: str = "te
     return s, ds.txt2img
 
 
+# The protocols a fusion run or ensemble is evaluated with (itrkit.eval.protocols.PROTOCOLS are the
+# dual encoders'): the others only select or fold images, which score matrices are not cut for.
+FUSION_PROTOCOLS = ("full", "flickr8k-human")
+
+
 def evaluate_fusion_runs(runs: list[str | Path], data: str | Path | None = None, split: str = "test",
                          grid_store: str | None = None, max_images: int = 0, progress: bool = True,
                          rerank_k: int | None = None, device: str | torch.device = "auto",
-                         cache_dir: str | Path | None = None, itm_weight: float | None = None) -> dict[str, float]:
+                         cache_dir: str | Path | None = None, itm_weight: float | None = None,
+                         protocol: str = "full", annotations_dir: str | Path | None = None) -> dict[str, float]:
     """Metrics of one fusion run, or of the mean score matrix of several (SGRAF = SGR + SAF).
 
     A re-ranker run is evaluated alone by its protocol (``rerank_k``: candidates re-scored per
@@ -569,22 +760,70 @@ def evaluate_fusion_runs(runs: list[str | Path], data: str | Path | None = None,
     ``itc + w · itm``, default the run's own), with the ``itc_*`` (and, w finite, ``itm_only_*``)
     metrics beside; with ``model.itc_run`` the first stage is that dual-encoder run.
     ``cache_dir``: where MiniLM caption states are cached (``word_features=minilm``; default each
-    run's own ``cache_dir``, else the default cache).
+    run's own ``cache_dir``, else the default cache). ``protocol="flickr8k-human"`` adds the
+    Flickr8k human-judgment metrics (:func:`fusion_human_metrics`) computed from the same scores;
+    ``annotations_dir`` defaults to the folder found beside the images.
     """
+    if protocol not in FUSION_PROTOCOLS:
+        raise ConfigError(f"fusion runs and ensembles are evaluated with the {' or '.join(FUSION_PROTOCOLS)} "
+                          f"protocol only, not '{protocol}'")
+    metrics, human = _evaluate_runs(runs, data, split, grid_store, max_images, progress, rerank_k, device,
+                                    cache_dir, itm_weight, protocol == "flickr8k-human", annotations_dir)
+    return {**metrics, **(human or {})}
+
+
+def fusion_human_metrics(runs: list[str | Path], data: str | Path | None = None, split: str = "test",
+                         grid_store: str | None = None, max_images: int = 0, progress: bool = True,
+                         rerank_k: int | None = None, device: str | torch.device = "auto",
+                         cache_dir: str | Path | None = None, itm_weight: float | None = None,
+                         annotations_dir: str | Path | None = None) -> dict[str, float]:
+    """Only the Flickr8k human-judgment keys (the six metrics and the info keys of
+    :func:`itrkit.eval.flickr8k_human.evaluate_flickr8k_human_scores`) of fusion runs on a split.
+
+    One run ranks by its score matrix, several by their mean (the ensemble), and each τ uses that
+    matrix's score of the pair; a re-ranker by its final rankings of each direction and its final
+    pair score (:func:`rerank_scores`; ``rerank_k`` / ``itm_weight`` default to the run's own).
+    Image names and caption ids come from the split's records
+    (:func:`itrkit.eval.protocols.flickr8k_names`), the annotation folder from ``annotations_dir``
+    or beside the images. Other arguments as :func:`evaluate_fusion_runs`.
+    """
+    _, human = _evaluate_runs(runs, data, split, grid_store, max_images, progress, rerank_k, device, cache_dir,
+                              itm_weight, True, annotations_dir)
+    assert human is not None
+    return human
+
+
+def _evaluate_runs(runs: list[str | Path], data: str | Path | None, split: str, grid_store: str | None,
+                   max_images: int, progress: bool, rerank_k: int | None, device: str | torch.device,
+                   cache_dir: str | Path | None, itm_weight: float | None, human: bool,
+                   annotations_dir: str | Path | None) -> tuple[dict[str, float], dict[str, float] | None]:
+    """(retrieval metrics, human-judgment metrics or None) of :func:`evaluate_fusion_runs`, from one
+    scoring: the annotation folder and ids are checked before any model runs."""
+    from itrkit.eval.flickr8k_human import evaluate_flickr8k_human_scores
     from itrkit.models.io import load_fusion_model
 
     if not runs:
         raise ConfigError("evaluating fusion runs needs at least one run folder")
     device = resolve_device(device)  # before any score matrix is written into a run
+    ann, inputs = None, None
+    if human:
+        inputs = _run_inputs(Path(runs[0]), data, split, grid_store, max_images)
+        ann = human_annotations(inputs[0], annotations_dir)
     if len(runs) == 1:
         model, _ = load_fusion_model(Path(runs[0]))
         if is_reranker(model):
             model.to(device)
-            ds, grid, full = _run_inputs(Path(runs[0]), data, split, grid_store, max_images)
+            ds, grid, full = inputs or _run_inputs(Path(runs[0]), data, split, grid_store, max_images)
             fsplit = open_split(model, ds, grid, _run_cache_dir(Path(runs[0]), cache_dir), dataset=full)
-            return split_metrics(model, fsplit, progress=progress, rerank_k=rerank_k, itm_weight=itm_weight)[0]
+            if ann is None:
+                return split_metrics(model, fsplit, progress=progress, rerank_k=rerank_k, itm_weight=itm_weight)[0], None
+            return _split_human(model, fsplit, ann, progress, rerank_k, itm_weight)
     mats, t2i = [], None
     for r in runs:
         s, t2i = run_scores(r, data, split, grid_store, max_images, progress, device=device, cache_dir=cache_dir)
         mats.append(s)
-    return metrics_from_scores(ensemble_scores(*mats), t2i)
+    scores = ensemble_scores(*mats)
+    metrics = metrics_from_scores(scores, t2i)
+    if ann is None:
+        return metrics, None
+    return metrics, evaluate_flickr8k_human_scores(scores, ann[0], ann[1], ann[2])

@@ -226,8 +226,7 @@ class Reproduction:
                 human = self.runner.human(cfg)  # test-only: never part of any selection
                 runs.append({"seed": s, **m["test"], **human, "val_rsum": m["val"]["rsum"],
                              "best_epoch": m["best"]["epoch"]})
-                extra = f", human t2i mAP@R {human['f8k_human_t2i_map@r']:.2f}" if human else ""
-                print(f"  {name} seed {s}: test rsum {m['test']['rsum']:.2f}{extra}", file=sys.stderr)
+                print(f"  {name} seed {s}: test rsum {m['test']['rsum']:.2f}{_human_note(human)}", file=sys.stderr)
             chosen = (self.choices.get(method.inherits, []) if method.inherits else []) + self.choices[name] + method.after
             results[name] = {**Runner.aggregate(runs, chosen), "finetune": self.finetune,
                              "overrides": list(self.overrides), "dev_runs": self.dev_runs(method)}
@@ -271,16 +270,20 @@ class Reproduction:
         per: dict[str, list[dict[str, Any]]] = {m: [] for m in members}
         for seed in range(self.seeds):
             for m in members:
-                metrics = self.runner.run(self.fusion_config(m, seed, grid, over))
+                cfg = self.fusion_config(m, seed, grid, over)
+                metrics = self.runner.run(cfg)
+                human = self.runner.fusion_human(Path(cfg.out), [Path(cfg.out)], self.dataset_dir)  # test only
                 sel = metrics.get("val") or {}
-                per[m].append({"seed": seed, **metrics["test"], "val_rsum": sel.get("rsum"),
+                per[m].append({"seed": seed, **metrics["test"], **human, "val_rsum": sel.get("rsum"),
                                "best_epoch": metrics["best"]["epoch"]})
-                print(f"  {m} seed {seed}: test rsum {metrics['test']['rsum']:.2f}", file=sys.stderr)
+                print(f"  {m} seed {seed}: test rsum {metrics['test']['rsum']:.2f}{_human_note(human)}", file=sys.stderr)
             if method.kind == "ensemble":
                 run = self.out / "runs" / name / f"seed{seed}"
-                ens = self.runner.ensemble(run, [self.out / "runs" / m / f"seed{seed}" for m in members])
-                per.setdefault(name, []).append({"seed": seed, **ens["test"]})
-                print(f"  {name} seed {seed}: test rsum {ens['test']['rsum']:.2f}", file=sys.stderr)
+                parts = [self.out / "runs" / m / f"seed{seed}" for m in members]
+                ens = self.runner.ensemble(run, parts)
+                human = self.runner.fusion_human(run, parts, self.dataset_dir)
+                per.setdefault(name, []).append({"seed": seed, **ens["test"], **human})
+                print(f"  {name} seed {seed}: test rsum {ens['test']['rsum']:.2f}{_human_note(human)}", file=sys.stderr)
         results = {}
         for m, runs in per.items():
             if m != name and m not in self.methods and m not in self.fusion:
@@ -288,6 +291,10 @@ class Reproduction:
             recipe = METHODS[m].recipe if METHODS[m].kind == "recipe" else " + ".join(METHODS[m].members)
             results[m] = Runner.aggregate(runs, [f"recipe={recipe}", *over])
         return results
+
+
+def _human_note(human: dict[str, float]) -> str:
+    return f", human t2i mAP@R {human['f8k_human_t2i_map@r']:.2f}" if human else ""
 
 
 def run_method(name: str, data_dir: str | Path, out_dir: str | Path, seeds: int = 1, epochs: int | None = None,

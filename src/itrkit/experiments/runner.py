@@ -117,8 +117,7 @@ class Runner:
         from its saved test embeddings; cached in the run folder as ``human.json``.
 
         Empty (with one notice line on stderr per runner) when the annotation files are not beside
-        the test images, or when the run saved no test embeddings (fusion matchers save scores)."""
-        from itrkit.eval.flickr8k_human import CROWDFLOWER_FILE, EXPERT_FILE, find_annotations_dir
+        the test images, or when the run saved no test embeddings (fusion runs: :meth:`fusion_human`)."""
         from itrkit.eval.protocols import flickr8k_human_metrics
 
         run_dir = Path(cfg.out)
@@ -132,13 +131,8 @@ class Runner:
         if key not in self._test_sets:
             self._test_sets[key] = Dataset.load(cfg.data.path).split(cfg.data.test_split).subset(key[2] or None)
         ds = self._test_sets[key]
-        ann = find_annotations_dir(ds.image_paths)
+        ann = self._annotations(ds, cfg.data.path)
         if ann is None:
-            if not self._human_noted:
-                where = Path(ds.image_paths[0]).parent if len(ds) else cfg.data.path
-                print(f"note: no {EXPERT_FILE} and {CROWDFLOWER_FILE} beside the test images ({where}): the Flickr8k "
-                      "human-judgment metrics are skipped", file=sys.stderr)
-                self._human_noted = True
             return {}
         from safetensors.numpy import load_file
 
@@ -148,6 +142,35 @@ class Runner:
             raise DataError(f"{emb_path} holds {len(img)}×{len(txt)} image×caption rows, but the {cfg.data.test_split} "
                             f"split of {cfg.data.path} has {len(ds)}×{len(ds.caption_ids)}")
         metrics = flickr8k_human_metrics(img, txt, ds, ann)
+        out = {k: float(metrics[k]) for k in HUMAN_KEYS}
+        atomic_write_json(cached, out)
+        return out
+
+    def _annotations(self, ds: Dataset, data_path: Any) -> Path | None:
+        """The folder of the Flickr8k judgments beside ``ds``'s images, or None (one notice per runner)."""
+        from itrkit.eval.flickr8k_human import CROWDFLOWER_FILE, EXPERT_FILE, find_annotations_dir
+
+        ann = find_annotations_dir(ds.image_paths)
+        if ann is None and not self._human_noted:
+            where = Path(ds.image_paths[0]).parent if len(ds) else data_path
+            print(f"note: no {EXPERT_FILE} and {CROWDFLOWER_FILE} beside the test images ({where}): the Flickr8k "
+                  "human-judgment metrics are skipped", file=sys.stderr)
+            self._human_noted = True
+        return ann
+
+    def fusion_human(self, run_dir: Path, members: list[Path], dataset_dir: Path) -> dict[str, float]:
+        """:data:`HUMAN_KEYS` of a fusion run (``members == [run_dir]``) or of an ensemble of runs
+        (their mean score matrix; a re-ranker: its final rankings and pair scores), on the test
+        split; cached as ``run_dir/human.json``. Empty when the annotation files are absent."""
+        from itrkit.eval.fusion import fusion_human_metrics
+
+        cached = run_dir / "human.json"
+        if cached.is_file():
+            return json.loads(cached.read_text())
+        ann = self._annotations(Dataset.load(dataset_dir).split("test"), dataset_dir)
+        if ann is None:
+            return {}
+        metrics = fusion_human_metrics(members, progress=self.progress, device=self.device, annotations_dir=ann)
         out = {k: float(metrics[k]) for k in HUMAN_KEYS}
         atomic_write_json(cached, out)
         return out
