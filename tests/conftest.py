@@ -66,3 +66,41 @@ def pixel_grid_store(ds, path: Path) -> Path:
         w.write(i, cells.transpose(0, 2, 1, 3, 4).reshape(1, -1))
     w.close()
     return path
+
+
+def tiny_rerank_split(root: Path, text: dict) -> dict:
+    """A 12-image synthetic set with a pixel grid store, a tiny random ``ReRanker`` (``text``: its
+    text-tower options) and its ``FusionSplit`` with a random first stage attached
+    (``split.attach_itc``); returns ds, grid, model, split and the generator (for more draws)."""
+    import torch
+    import torch.nn.functional as F
+
+    from itrkit.data.records import Dataset
+    from itrkit.data.synthetic import make_synthetic
+    from itrkit.eval.fusion import FusionSplit
+    from itrkit.models.rerank import ReRanker
+    from itrkit.teachers.grid import open_grid_store
+
+    make_synthetic(root / "syn", n_images=12, captions_per_image=2, seed=3, size=32)
+    ds = Dataset.load(root / "syn")
+    grid = open_grid_store(pixel_grid_store(ds, root / "grid.store"))
+    torch.manual_seed(0)
+    model = ReRanker(region_dim=12, text_tower=text, embed_dim=8, width=8, heads=2, pair_batch=4).eval()
+    split = FusionSplit(ds, grid, model.prepare_texts)
+    g = torch.Generator().manual_seed(2)
+    img = F.normalize(torch.randn(len(ds), 6, generator=g), dim=1)
+    split.attach_itc(img, F.normalize(torch.randn(len(ds.texts), 6, generator=g) + img[ds.txt2img], dim=1))
+    return {"ds": ds, "grid": grid, "model": model, "split": split, "generator": g}
+
+
+def flickr8k_test_embeddings(folder: Path) -> dict:
+    """The official Flickr8k test names and caption ids with seeded random embeddings (captions
+    near their image's), for protocol tests on the real annotation files in ``folder``."""
+    import numpy as np
+
+    names = [line.strip() for line in (folder / "Flickr_8k.testImages.txt").read_text().splitlines() if line.strip()]
+    caps = [f"{n}#{k}" for n in names for k in range(5)]
+    rng = np.random.default_rng(0)
+    img = rng.normal(size=(len(names), 24)).astype(np.float32)
+    txt = (np.repeat(img, 5, axis=0) + 1.5 * rng.normal(size=(len(caps), 24))).astype(np.float32)
+    return {"dir": folder, "names": names, "caps": caps, "img": img, "txt": txt}

@@ -20,6 +20,7 @@ from itrkit.eval.flickr8k_human import (
     judged_pairs,
     kendall_tau_weighted,
 )
+from tests.conftest import flickr8k_test_embeddings
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,13 +166,7 @@ def test_weighted_kendall_equals_scipy_on_expanded_entries() -> None:
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def f8k_test(shared_data: Path) -> dict:
-    d = shared_data / "flickr8k"
-    names = [line.strip() for line in (d / "Flickr_8k.testImages.txt").read_text().splitlines() if line.strip()]
-    caps = [f"{n}#{k}" for n in names for k in range(5)]
-    rng = np.random.default_rng(0)
-    img = rng.normal(size=(len(names), 24)).astype(np.float32)
-    txt = (np.repeat(img, 5, axis=0) + 1.5 * rng.normal(size=(len(caps), 24))).astype(np.float32)
-    return {"dir": d, "names": names, "caps": caps, "img": img, "txt": txt}
+    return flickr8k_test_embeddings(shared_data / "flickr8k")
 
 
 def test_real_files_equal_the_slow_reference(f8k_test: dict) -> None:

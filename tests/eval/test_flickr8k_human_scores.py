@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from scipy.stats import kendalltau
 
 from itrkit.data.records import Dataset
@@ -27,7 +26,7 @@ from itrkit.eval.flickr8k_human import (
     evaluate_flickr8k_human,
     evaluate_flickr8k_human_scores,
 )
-from tests.conftest import pixel_grid_store
+from tests.conftest import flickr8k_test_embeddings, pixel_grid_store, tiny_rerank_split
 
 TEXT = {"embed_dim": 8, "hidden": 8, "max_length": 12, "seed": 1}
 TINY_SGR = ["model.embed_dim=16", "model.sim_dim=8", "model.word_dim=16", "model.text_hidden=16", "model.sgr_steps=2"]
@@ -134,13 +133,7 @@ def _write_annotations(names: list[str], caps: list[str], folder: Path, seed: in
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def f8k_test(shared_data: Path) -> dict:
-    d = shared_data / "flickr8k"
-    names = [line.strip() for line in (d / "Flickr_8k.testImages.txt").read_text().splitlines() if line.strip()]
-    caps = [f"{n}#{k}" for n in names for k in range(5)]
-    rng = np.random.default_rng(0)
-    img = rng.normal(size=(len(names), 24)).astype(np.float32)
-    txt = (np.repeat(img, 5, axis=0) + 1.5 * rng.normal(size=(len(caps), 24))).astype(np.float32)
-    return {"dir": d, "names": names, "caps": caps, "img": img, "txt": txt}
+    return flickr8k_test_embeddings(shared_data / "flickr8k")
 
 
 def test_a_cosine_matrix_gives_the_embedding_versions_numbers_exactly(f8k_test: dict) -> None:
@@ -223,22 +216,12 @@ def _order(first: np.ndarray, second: np.ndarray, k: int, w: float) -> list[int]
 
 @pytest.fixture(scope="module")
 def rr_split(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from itrkit.data.synthetic import make_synthetic
     from itrkit.eval.fusion import FusionSplit
     from itrkit.eval.protocols import flickr8k_names
-    from itrkit.models.rerank import ReRanker
-    from itrkit.teachers.grid import open_grid_store
 
     root = tmp_path_factory.mktemp("human_rr")
-    make_synthetic(root / "syn", n_images=12, captions_per_image=2, seed=3, size=32)
-    ds = Dataset.load(root / "syn")
-    grid = open_grid_store(pixel_grid_store(ds, root / "grid.store"))
-    torch.manual_seed(0)
-    model = ReRanker(region_dim=12, text_tower=TEXT, embed_dim=8, width=8, heads=2, pair_batch=4).eval()
-    split = FusionSplit(ds, grid, model.prepare_texts)
-    g = torch.Generator().manual_seed(2)
-    img = F.normalize(torch.randn(len(ds), 6, generator=g), dim=1)
-    split.attach_itc(img, F.normalize(torch.randn(len(ds.texts), 6, generator=g) + img[ds.txt2img], dim=1))
+    t = tiny_rerank_split(root, TEXT)
+    ds, grid, model, split, g = t["ds"], t["grid"], t["model"], t["split"], t["generator"]
     own = FusionSplit(ds, grid, model.prepare_texts)  # first stage: the model's own ITC head
     names, caps = flickr8k_names(ds)
     itm = torch.randint(-2, 3, (len(ds), len(ds.texts)), generator=g).double()  # a fake ITM with many ties

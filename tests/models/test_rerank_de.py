@@ -203,21 +203,10 @@ def test_residual_over_the_first_stage_is_the_plain_head_plus_scale_times_its_co
 
 # --- the dev choice -----------------------------------------------------------------------------------
 def test_choose_rerank_picks_the_best_dev_rsum_of_an_explicit_grid_loop(tmp_path):
-    from itrkit.data.records import Dataset
-    from itrkit.data.synthetic import make_synthetic
-    from itrkit.eval.fusion import FusionSplit
-    from itrkit.teachers.grid import open_grid_store
-    from tests.conftest import pixel_grid_store
+    from tests.conftest import tiny_rerank_split
 
-    make_synthetic(tmp_path / "syn", n_images=12, captions_per_image=2, seed=3, size=32)
-    ds = Dataset.load(tmp_path / "syn")
-    grid = open_grid_store(pixel_grid_store(ds, tmp_path / "grid.store"))
-    torch.manual_seed(0)
-    m = ReRanker(region_dim=12, text_tower=TEXT, embed_dim=8, width=8, heads=2, pair_batch=4).eval()
-    split = FusionSplit(ds, grid, m.prepare_texts)
-    g = torch.Generator().manual_seed(2)
-    img = F.normalize(torch.randn(len(ds), 6, generator=g), dim=1)
-    split.attach_itc(img, F.normalize(torch.randn(len(ds.texts), 6, generator=g) + img[ds.txt2img], dim=1))
+    t = tiny_rerank_split(tmp_path, TEXT)
+    m, split = t["model"], t["split"]
     ks, weights = (1, 3, 8), (0.0, 0.5, 4.0, math.inf)
     got = choose_rerank(m, split, ks=ks, weights=weights, progress=False)
     best, grid_ref = None, []
