@@ -51,6 +51,18 @@ def teacher_stores(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return [f"teacher.image_store={paths['image']}", f"teacher.text_store={paths['text']}"]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-matrix tests (two fight the other tests' processes
+    for 2 cores): ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pixel_grid_store(ds, path: Path) -> Path:
     """A real grid store made from the images themselves: 4×4 cells of 12-d (2×2 mean colours per
     cell), for fusion-matcher tests without a CNN."""

@@ -32,13 +32,7 @@ TEXT = {"embed_dim": 8, "hidden": 8, "max_length": 12, "seed": 1}
 TINY_SGR = ["model.embed_dim=16", "model.sim_dim=8", "model.word_dim=16", "model.text_hidden=16", "model.sgr_steps=2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one torch thread (two fight the other tests' processes for 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices (tests/conftest.py)
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,13 +22,7 @@ from itrkit.models.rerank import ReRanker
 TEXT = {"embed_dim": 8, "hidden": 8, "max_length": 12, "seed": 1}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one torch thread (two fight the other tests' processes for 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices (tests/conftest.py)
 
 
 def _model(**kw) -> ReRanker:
