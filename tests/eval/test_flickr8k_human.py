@@ -21,79 +21,18 @@ from itrkit.eval.flickr8k_human import (
     kendall_tau_weighted,
 )
 from tests.conftest import flickr8k_test_embeddings
+from tests.eval.human_reference import human_reference
 
 
 # --------------------------------------------------------------------------------------------
 # The slow reference: the docs/method.md §4.5 definitions written out
 # --------------------------------------------------------------------------------------------
-def _read(path: Path) -> list[list[str]]:
-    return [line.split("\t") for line in path.read_text().splitlines() if line.strip()]
-
-
-def _unit(v: np.ndarray) -> np.ndarray:
-    v = np.asarray(v, dtype=np.float64)
-    return v / np.linalg.norm(v)
-
-
 def _reference(img: np.ndarray, txt: np.ndarray, names: list[str], caps: list[str], ann: Path) -> dict:
-    row = {n: i for i, n in enumerate(names)}
-    col = {c: m for m, c in enumerate(caps)}
-    img_u = [_unit(v) for v in img]
-    txt_u = [_unit(v) for v in txt]
-    expert, cf = _read(ann / EXPERT_FILE), _read(ann / CROWDFLOWER_FILE)
-    out: dict = {"skipped": 0}
-    # agreement: every individual judgment of a cross-image pair, the pair's cosine repeated
-    xs, ys = [], []
-    for im, cap, *scores in expert:
-        if im in row and cap in col and cap.split("#")[0] != im:
-            s = float(np.dot(img_u[row[im]], txt_u[col[cap]]))
-            for v in scores:
-                xs.append(s)
-                ys.append(int(v))
-    out["expert_entries"] = len(xs)
-    out["f8k_expert_tau_c"] = 100 * kendalltau(xs, ys, variant="c").statistic
-    xs, ys = [], []
-    for im, cap, _pct, yes, no in cf:
-        if im in row and cap in col and cap.split("#")[0] != im:
-            s = float(np.dot(img_u[row[im]], txt_u[col[cap]]))
-            xs += [s] * (int(yes) + int(no))
-            ys += [1] * int(yes) + [0] * int(no)
-    out["cf_judgments"] = len(xs)
-    out["f8k_cf_tau_b"] = 100 * kendalltau(xs, ys, variant="b").statistic
-    # graded retrieval positives
-    pos_i2t: dict[int, set[int]] = {i: set() for i in range(len(names))}
-    pos_t2i: dict[int, set[int]] = {m: set() for m in range(len(caps))}
-    for m, c in enumerate(caps):
-        if c.split("#")[0] in row:
-            pos_i2t[row[c.split("#")[0]]].add(m)
-            pos_t2i[m].add(row[c.split("#")[0]])
-    for lines, positive in ((expert, lambda f: np.mean([int(v) for v in f[2:]]) >= 3),
-                            (cf, lambda f: float(f[2]) >= 0.5)):
-        for f in lines:
-            if f[0] not in row or f[1] not in col:
-                out["skipped"] += 1
-            elif positive(f):
-                pos_i2t[row[f[0]]].add(col[f[1]])
-                pos_t2i[col[f[1]]].add(row[f[0]])
-    for d, queries, gallery, pos in (("i2t", img_u, np.array(txt_u), pos_i2t), ("t2i", txt_u, np.array(img_u), pos_t2i)):
-        aps, rps = [], []
-        for q, vec in enumerate(queries):
-            p = sorted(pos[q])
-            if not p:
-                continue
-            R = len(p)
-            s = gallery @ vec
-            # 1-based rank of each positive: higher scores first, then equal scores at lower indices
-            rank = {g: 1 + int(np.sum(s > s[g])) + int(np.sum(s[:g] == s[g])) for g in p}
-            ap = 0.0
-            for g in p:
-                if rank[g] <= R:
-                    ap += sum(1 for h in p if rank[h] <= rank[g]) / rank[g]  # precision at that rank
-            aps.append(ap / R)
-            rps.append(sum(1 for g in p if rank[g] <= R) / R)
-        out[f"f8k_human_{d}_map@r"] = 100 * float(np.mean(aps))
-        out[f"f8k_human_{d}_rp"] = 100 * float(np.mean(rps))
-    return out
+    """The slow reference on the cosine of the unit embeddings (both directions, and the τ)."""
+    img = np.asarray(img, dtype=np.float64)
+    txt = np.asarray(txt, dtype=np.float64)
+    cos = (img / np.linalg.norm(img, axis=1, keepdims=True)) @ (txt / np.linalg.norm(txt, axis=1, keepdims=True)).T
+    return human_reference(cos, cos, lambda i, c: cos[i, c], names, caps, ann)
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from scipy.stats import kendalltau
 
 from itrkit.data.records import Dataset
 from itrkit.errors import ConfigError, DataError
@@ -27,72 +26,13 @@ from itrkit.eval.flickr8k_human import (
     evaluate_flickr8k_human_scores,
 )
 from tests.conftest import flickr8k_test_embeddings, pixel_grid_store, tiny_rerank_split
+from tests.eval.human_reference import human_reference
 
 TEXT = {"embed_dim": 8, "hidden": 8, "max_length": 12, "seed": 1}
 TINY_SGR = ["model.embed_dim=16", "model.sim_dim=8", "model.word_dim=16", "model.text_hidden=16", "model.sgr_steps=2"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices (tests/conftest.py)
-
-
-# --------------------------------------------------------------------------------------------
-# The slow reference for any model: the docs/method.md §4.5 definitions written out
-# --------------------------------------------------------------------------------------------
-def _read(path: Path) -> list[list[str]]:
-    return [line.split("\t") for line in path.read_text().splitlines() if line.strip()]
-
-
-def _reference(i2t: np.ndarray, t2i: np.ndarray, pair, names: list[str], caps: list[str], ann: Path) -> dict:
-    """Image n ranks captions by ``i2t[n]``, caption m ranks images by ``t2i[:, m]`` (descending,
-    ties: lower index first); ``pair(i, c)`` is the model score of one pair for the two τ."""
-    i2t, t2i = np.asarray(i2t, dtype=np.float64), np.asarray(t2i, dtype=np.float64)
-    row = {n: i for i, n in enumerate(names)}
-    col = {c: m for m, c in enumerate(caps)}
-    expert, cf = _read(ann / EXPERT_FILE), _read(ann / CROWDFLOWER_FILE)
-    out: dict = {}
-    xs, ys = [], []
-    for im, cap, *scores in expert:
-        if im in row and cap in col and cap.split("#")[0] != im:
-            s = float(pair(row[im], col[cap]))
-            for v in scores:
-                xs.append(s)
-                ys.append(int(v))
-    out["f8k_expert_tau_c"] = 100 * kendalltau(xs, ys, variant="c").statistic
-    xs, ys = [], []
-    for im, cap, _pct, yes, no in cf:
-        if im in row and cap in col and cap.split("#")[0] != im:
-            s = float(pair(row[im], col[cap]))
-            xs += [s] * (int(yes) + int(no))
-            ys += [1] * int(yes) + [0] * int(no)
-    out["f8k_cf_tau_b"] = 100 * kendalltau(xs, ys, variant="b").statistic
-    pos_i2t: dict[int, set[int]] = {i: set() for i in range(len(names))}
-    pos_t2i: dict[int, set[int]] = {m: set() for m in range(len(caps))}
-    for m, c in enumerate(caps):
-        if c.split("#")[0] in row:
-            pos_i2t[row[c.split("#")[0]]].add(m)
-            pos_t2i[m].add(row[c.split("#")[0]])
-    for lines, positive in ((expert, lambda f: np.mean([int(v) for v in f[2:]]) >= 3),
-                            (cf, lambda f: float(f[2]) >= 0.5)):
-        for f in lines:
-            if f[0] in row and f[1] in col and positive(f):
-                pos_i2t[row[f[0]]].add(col[f[1]])
-                pos_t2i[col[f[1]]].add(row[f[0]])
-    for d, n_q, scores_of, pos in (("i2t", len(names), lambda q: i2t[q], pos_i2t),
-                                   ("t2i", len(caps), lambda q: t2i[:, q], pos_t2i)):
-        aps, rps = [], []
-        for q in range(n_q):
-            p = sorted(pos[q])
-            if not p:
-                continue
-            R, s = len(p), scores_of(q)
-            # 1-based rank of each positive: higher scores first, then equal scores at lower indices
-            rank = {g: 1 + int(np.sum(s > s[g])) + int(np.sum(s[:g] == s[g])) for g in p}
-            ap = sum(sum(1 for h in p if rank[h] <= rank[g]) / rank[g] for g in p if rank[g] <= R)
-            aps.append(ap / R)
-            rps.append(sum(1 for g in p if rank[g] <= R) / R)
-        out[f"f8k_human_{d}_map@r"] = 100 * float(np.mean(aps))
-        out[f"f8k_human_{d}_rp"] = 100 * float(np.mean(rps))
-    return out
 
 
 def _unit(a: np.ndarray) -> np.ndarray:
@@ -160,7 +100,7 @@ def test_b_own_t2i_scores_ties_and_pair_scores_equal_the_explicit_reference(f8k_
         return ((np.asarray(i) * 7 + np.asarray(c) * 3) % 5).astype(np.float64)  # ties in the τ too
 
     got = evaluate_flickr8k_human_scores(s, d["names"], d["caps"], d["dir"], t2i_scores=t, pair_scores=pair)
-    ref = _reference(s, t, pair, d["names"], d["caps"], d["dir"])
+    ref = human_reference(s, t, pair, d["names"], d["caps"], d["dir"])
     for k in METRIC_KEYS:
         assert got[k] == pytest.approx(ref[k], abs=1e-9), k
     assert (got["f8k_expert_pairs"], got["f8k_cf_pairs"], got["f8k_skipped_pairs"]) == (5664, 47109, 0)
@@ -169,7 +109,7 @@ def test_b_own_t2i_scores_ties_and_pair_scores_equal_the_explicit_reference(f8k_
     assert plain["f8k_human_i2t_map@r"] == got["f8k_human_i2t_map@r"] != plain["f8k_expert_tau_c"]
     assert plain["f8k_human_t2i_map@r"] != got["f8k_human_t2i_map@r"]
     assert plain["f8k_cf_tau_b"] != got["f8k_cf_tau_b"]
-    ref_plain = _reference(s, s, lambda i, c: s[i, c], d["names"], d["caps"], d["dir"])
+    ref_plain = human_reference(s, s, lambda i, c: s[i, c], d["names"], d["caps"], d["dir"])
     for k in METRIC_KEYS:
         assert plain[k] == pytest.approx(ref_plain[k], abs=1e-9), k
 
@@ -291,7 +231,7 @@ def test_c_rerank_matrices_hold_the_final_orders_and_pair_scores_are_the_final_s
     # the human metrics of the re-ranker: those of its matrices and final pair scores
     got_h = split_human_metrics(model, split, d["ann"], progress=False, rerank_k=k, itm_weight=w)
     assert {key: got_h[key] for key in r.metrics} == r.metrics
-    ref = _reference(r.i2t.numpy(), r.t2i.numpy(), lambda i, c: want[i * m + c], d["names"], d["caps"], d["ann"])
+    ref = human_reference(r.i2t.numpy(), r.t2i.numpy(), lambda i, c: want[i * m + c], d["names"], d["caps"], d["ann"])
     for key in METRIC_KEYS:
         assert got_h[key] == pytest.approx(ref[key], abs=1e-9, nan_ok=True), key
     assert got_h["f8k_skipped_pairs"] == 1 and got_h["f8k_cf_pairs"] == 5 * n
@@ -374,7 +314,7 @@ def test_d_cli_fusion_run_and_ensemble_write_the_human_metrics(fusion_run: dict,
     assert {k: got[k] for k in ref} == ref and {k: got[k] for k in plain} == plain
     assert set(got) == {"runs", "split", *plain, *ref} and set(METRIC_KEYS) <= set(got)
     assert "f8k_expert_tau_c" in printed and "(test, flickr8k-human)" in printed
-    r = _reference(scores.numpy(), scores.numpy(), lambda i, c: float(scores[i, c]), f["names"], f["caps"], f["ann"])
+    r = human_reference(scores.numpy(), scores.numpy(), lambda i, c: float(scores[i, c]), f["names"], f["caps"], f["ann"])
     for k in METRIC_KEYS:
         assert got[k] == pytest.approx(r[k], abs=1e-9, nan_ok=True), k
     assert fusion_human_metrics([f["run"]], progress=False, annotations_dir=f["ann"]) == ref
