@@ -36,7 +36,8 @@ def add_parsers(sub: Any) -> None:
     r.add_argument("--out", required=True)
     r.add_argument("--methods", default=None,
                    help=f"comma-separated, from: {', '.join(METHODS)}; fusion matchers (bundled recipes, not tuned): "
-                        "sgr, saf, sgraf, sgr+cusa, saf+cusa, sgraf+cusa, rerank, rerank+cusa; re-rankers of "
+                        "sgr, saf, sgraf, sgr+cusa, saf+cusa, sgraf+cusa, rerank, rerank+cusa (-minilm: SGR / SAF / "
+                        "SGRAF on MiniLM token states); re-rankers of "
                         "the same seed's InfoNCE run (which is run too): rerank-de, rerank-de+cusa")
     r.add_argument("--fusion-epochs", type=int, default=None, help="epochs of the fusion runs (default: the recipe's)")
     r.add_argument("--seeds", type=int, default=3)

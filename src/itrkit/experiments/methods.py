@@ -93,8 +93,11 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            teachers=True, description="IConE's chosen setting + CUSA terms (α=β=1, τ_t=0.1) in stage II"),
 ]}
 # Fusion matchers: bundled recipes (CUSA weights from the paper's appendix for SGRAF / X2VLM).
+# ``*-minilm``: the same matchers on frozen all-MiniLM-L6-v2 contextual token states, not a GRU.
 for _name, _recipe in (("sgr", "sgr"), ("saf", "saf"), ("sgr+cusa", "sgr_cusa"), ("saf+cusa", "saf_cusa"),
-                       ("rerank", "rerank"), ("rerank+cusa", "rerank_cusa")):
+                       ("rerank", "rerank"), ("rerank+cusa", "rerank_cusa"),
+                       ("sgr-minilm", "minilm/sgr"), ("saf-minilm", "minilm/saf"),
+                       ("sgr-minilm+cusa", "minilm/sgr_cusa"), ("saf-minilm+cusa", "minilm/saf_cusa")):
     METHODS[_name] = Method(_name, kind="recipe", recipe=_recipe, teachers=_name.endswith("+cusa"),
                             description=f"fusion matcher, bundled recipe {_recipe}")
 # Re-rankers on a trained dual encoder: the same seed's run of the study's InfoNCE is the frozen
@@ -105,6 +108,10 @@ for _name, _recipe in (("rerank-de", "minilm/rerank_de"), ("rerank-de+cusa", "mi
 METHODS["sgraf"] = Method("sgraf", kind="ensemble", members=("sgr", "saf"), description="SGRAF = mean of SGR and SAF scores")
 METHODS["sgraf+cusa"] = Method("sgraf+cusa", kind="ensemble", members=("sgr+cusa", "saf+cusa"),
                                description="SGRAF + CUSA = mean of SGR+CUSA and SAF+CUSA scores")
+METHODS["sgraf-minilm"] = Method("sgraf-minilm", kind="ensemble", members=("sgr-minilm", "saf-minilm"),
+                                 description="SGRAF on MiniLM token states = mean of their SGR and SAF scores")
+METHODS["sgraf-minilm+cusa"] = Method("sgraf-minilm+cusa", kind="ensemble", members=("sgr-minilm+cusa", "saf-minilm+cusa"),
+                                      description="SGRAF + CUSA on MiniLM token states")
 DEFAULT_METHODS = ["infonce", "csa", "usa", "cusa", "cusa-shuffled"]
 FUSION_METHODS = tuple(n for n, m in METHODS.items() if m.kind != "tuned")
 
