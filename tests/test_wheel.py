@@ -1,5 +1,6 @@
 """A wheel built from this checkout installs into a fresh virtual environment and runs the main job
-from outside the source tree (issue 18): ``itrkit demo --quick`` end to end, the serve page's static
+from outside the source tree: ``itrkit demo --quick`` end to end (the main job: synthetic data,
+teachers, InfoNCE and CUSA, index; the suite's one run of it), the serve page's static
 files inside the installed package, ``itrkit --version``, the Python API, and ``itrkit train --config
 infonce`` (the bundled configs ship in the package).
 
@@ -87,9 +88,18 @@ def test_installed_wheel_runs_the_quick_demo_outside_the_source_tree(venv: Path,
     assert {p.name for p in static.iterdir()} >= {"index.html", "app.js", "style.css"} and venv in static.parents
     assert _run([str(exe), "--version"], cwd=cwd).stdout.strip().startswith("itrkit ")
 
-    demo = _run([str(exe), "demo", "--quick", "--out", str(tmp_path / "demo")], cwd=cwd)
-    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert summary and (tmp_path / "demo" / "index").is_dir()
+    out = tmp_path / "demo"
+    demo = _run([str(exe), "demo", "--quick", "--out", str(out)], cwd=cwd)
+    summary = json.loads((out / "summary.json").read_text())
+    rows = summary["retrieval"]
+    assert set(rows) == {"InfoNCE (test)", "CUSA (test)"}
+    # 22 test images × 5 captions: chance RSUM ≈ 135 (i2t ≈ 4.5+21+37, t2i ≈ 4.5+23+45); measured ≈ 550
+    assert all(r["rsum"] > 400 for r in rows.values()), rows
+    assert set(summary["unimodal"]) == {"frozen towers", "InfoNCE (cross head)", "CUSA (cross head)", "CUSA (USA head)"}
+    assert (out / "index" / "manifest.json").is_file()
+    assert (out / "teachers" / "image.store").exists() and (out / "runs" / "cusa" / "metrics.json").is_file()
+    assert "CUSA (test)" in demo.stdout and "itrkit serve --index" in demo.stdout
+    assert not any(p.name.endswith(".tmp") for p in out.rglob("*"))  # nothing half-written
     assert "\r" not in demo.stderr, "tqdm carriage-return frames in a log"
     # The Python API of the installed package on the demo's run.
     run = next(p.parent for p in (tmp_path / "demo" / "runs").rglob("metrics.json"))
