@@ -30,9 +30,14 @@ def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_reproduce_runs_carries_choices_and_resumes(tmp_path: Path, synth_dir: Path,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+                                                    capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "repro"
+    monkeypatch.setenv("ITRKIT_PROGRESS", "lines")  # what a log file gets (nohup, CI)
+    monkeypatch.setenv("ITRKIT_PROGRESS_SECONDS", "0")
     assert _reproduce(synth_dir, out) == 0
+    err = capsys.readouterr().err  # a multi-hour study says what it is doing (--quiet: nothing)
+    assert "[itrkit]" in err and "%" in err, err[-2000:]
     res = json.loads((out / "results.json").read_text())
     # icone+cusa copies IConE's choice; IConE itself is not asked for: its choice (grid point 2,
     # given by --choice) is taken without training it.

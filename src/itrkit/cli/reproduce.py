@@ -23,7 +23,7 @@ def _cmd(a: argparse.Namespace) -> int:
     rep = Reproduction(Path(a.data), Path(a.out), methods, a.seeds, a.epochs, a.cache, a.image_teacher,
                        a.text_teacher, a.max_train_images, tune=not a.no_tune, fixed=fixed,
                        fusion_epochs=a.fusion_epochs, device=a.device, finetune=a.finetune, overrides=a.set,
-                       dev_budget=a.dev_budget)
+                       dev_budget=a.dev_budget, progress=not a.quiet)
     rep.run()
     print(f"results: {a.out}/results.json, results.md, results.png")
     return 0
@@ -63,6 +63,8 @@ def add_parsers(sub: Any) -> None:
     r.add_argument("--choice", action="append", metavar="METHOD=INDEX",
                    help="reuse a dev choice made earlier (the grid index printed by 'tune'), e.g. icone=2; "
                         "repeatable; a method needed only as a base is then not trained at all")
+    r.add_argument("--quiet", action="store_true",
+                   help="no progress lines (grid store, teachers, training epochs, scoring) on stderr")
     add_device_argument(r)
     r.set_defaults(func=_cmd)
 

@@ -49,7 +49,7 @@ class Reproduction:
                  fixed: dict[str, int] | None = None, fusion_epochs: int | None = None,
                  fusion_overrides: list[str] | None = None, device: str = "auto",
                  finetune: str | dict[str, str] | None = None, overrides: list[str] | None = None,
-                 dev_budget: int = 0) -> None:
+                 dev_budget: int = 0, progress: bool = False) -> None:
         unknown = [m for m in [*methods, *(fixed or {})] if m not in METHODS]
         if unknown or any(METHODS[m].kind != "tuned" for m in fixed or {}):
             raise ConfigError(f"unknown method(s) {unknown or list(fixed or {})} (known: "
@@ -86,7 +86,7 @@ class Reproduction:
             if METHODS[name].kind == "tuned":
                 load_train_config(None, [*BASE, *METHODS[name].overrides, *finetune_overrides(METHODS[name], self.finetune),
                                          *expand_stages(METHODS[name], self.overrides)])
-        self.runner = Runner(out, device=device)
+        self.runner = Runner(out, progress=progress, device=device)
         self.out = Path(out)
         self.methods = methods
         self.seeds = seeds
